@@ -1,0 +1,93 @@
+"""Prefill and greedy decode as pure functions of an NNX LLaVA module and arrays.
+
+* :func:`decoder_prefill` runs layers over a whole sequence and builds each layer's static cache.
+* :func:`greedy_decode` is one ``lax.while_loop``: per-row EOS stop (finished rows emit the pad id,
+  as HF does), early exit when every row is done, one shared cache write slot per step while RoPE
+  positions stay per row, so left- and right-padded prompts of different lengths batch together.
+
+Callers (``jaxprune.model``) jit these with the budget-defining arguments static.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.models import kv_cache
+from jaxprune.models.attention import causal_mask
+from jaxprune.models.llava import LlavaModule
+
+
+def default_positions(valid: jax.Array) -> jax.Array:
+    """RoPE positions from a validity mask ``[B, T]``: ``cumsum - 1`` (HF generate's rule), 0 on padding."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def last_valid_index(valid: jax.Array) -> jax.Array:
+    """Index of the last valid slot per row: ``[B, T] -> [B]``."""
+    T = valid.shape[1]
+    return jnp.max(jnp.where(valid, jnp.arange(T)[None], 0), axis=1)
+
+
+def decoder_prefill(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.Array,
+                    layers: range, capacity: int):
+    """Run decoder ``layers`` over ``h [B, T, H]``; returns ``(h, caches)`` (caches empty if capacity 0)."""
+    T = h.shape[1]
+    slots = jnp.broadcast_to(jnp.arange(T)[None], valid.shape)
+    mask = causal_mask(slots, slots, valid)
+    cos, sin = m.language.rope(positions)
+    caches = []
+    for i in layers:
+        h, c = m.language.layers[i].prefill(h, cos, sin, mask, capacity)
+        caches.append(c)
+    return h, caches
+
+
+def full_logits(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+    """Logits ``[B, T, V]`` of the whole sequence (HF layout)."""
+    h, _ = decoder_prefill(m, h, positions, valid, range(len(m.language.layers)), 0)
+    return m.logits(h)
+
+
+def greedy_decode(m: LlavaModule, first_logits: jax.Array, caches: list[kv_cache.LayerCache],
+                  key_valid: jax.Array, next_pos: jax.Array, start_slot: int, max_new_tokens: int,
+                  eos_ids: tuple[int, ...], pad_id: int) -> jax.Array:
+    """Greedy tokens ``[B, max_new_tokens]`` given the prefill's last-token logits ``[B, V]``.
+
+    ``caches`` may have different capacities per layer (segments after an in-LLM cut); each
+    segment's ``key_valid [B, S_cap]`` and the shared write slot offset are given per layer via
+    ``key_valid`` (a list aligned with ``caches``) and ``start_slot`` (a list of ints).
+    """
+    B = first_logits.shape[0]
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def pick(logits, done):
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tok = jnp.where(done, pad_id, tok)
+        return tok, done | jnp.any(tok[:, None] == eos[None], axis=1)
+
+    tok0, done0 = pick(first_logits, jnp.zeros((B,), bool))
+    out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok0)
+
+    def cond(state):
+        i, _, done, _, _, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, out, done, caches, kvalid, pos = state
+        tok = out[:, i - 1]
+        h = m.language.embed_tokens(tok[:, None])  # [B, 1, H]
+        cos, sin = m.language.rope(pos[:, None])
+        new_caches, new_valid = [], []
+        for layer, c, kv, s0 in zip(m.language.layers, caches, kvalid, start_slot):
+            slot = (s0 + i - 1).astype(jnp.int32)
+            kv = jax.lax.dynamic_update_slice(kv, jnp.ones((B, 1), bool), (jnp.int32(0), slot))
+            h, c = layer.decode(h, cos, sin, c, slot, kv[:, None, None, :])
+            new_caches.append(c)
+            new_valid.append(kv)
+        tok, done = pick(m.logits(h)[:, 0], done)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (jnp.int32(0), i))
+        return i + 1, out, done, new_caches, new_valid, pos + 1
+
+    state = (jnp.int32(1), out, done0, caches, key_valid, next_pos)
+    return jax.lax.while_loop(cond, body, state)[1]

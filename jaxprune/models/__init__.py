@@ -1,0 +1,1 @@
+"""LLaVA building blocks: CLIP vision tower, Llama decoder, projector and their assembly."""

@@ -1,0 +1,65 @@
+"""Canonical jaxprune parameter names and shapes for a :class:`~jaxprune.config.LlavaConfig`.
+
+The names are the dotted paths of the NNX model's flat state (``nnx.to_flat_state``), and the
+layouts are JAX's: dense kernels ``[in, out]``, the patch embedding ``[p, p, C, D]`` (kh, kw, in,
+out), embeddings ``[rows, D]``. The checkpoint converter maps every HF key onto exactly one of these
+names; a test checks that the model's state has exactly these names and shapes.
+
+All CLIP layers (and ``post_layernorm``) are kept as parameters even though LLaVA runs only up to
+``vision_feature_layer``: that keeps HF -> jaxprune -> HF round trips lossless.
+"""
+
+from __future__ import annotations
+
+from jaxprune.config import LlavaConfig
+
+
+def param_shapes(cfg: LlavaConfig) -> dict[str, tuple[int, ...]]:
+    v, t = cfg.vision, cfg.text
+    out: dict[str, tuple[int, ...]] = {}
+    D, p, C = v.hidden_size, v.patch_size, v.num_channels
+    out["vision.class_embedding"] = (D,)
+    out["vision.patch_embedding.kernel"] = (p, p, C, D)
+    out["vision.position_embedding.embedding"] = (v.num_patches + 1, D)
+    for n in ("pre_layrnorm", "post_layernorm"):
+        out[f"vision.{n}.scale"] = (D,)
+        out[f"vision.{n}.bias"] = (D,)
+    for i in range(v.num_hidden_layers):
+        pre = f"vision.layers.{i}."
+        for n in ("layer_norm1", "layer_norm2"):
+            out[pre + n + ".scale"] = (D,)
+            out[pre + n + ".bias"] = (D,)
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out[pre + f"self_attn.{n}.kernel"] = (D, D)
+            out[pre + f"self_attn.{n}.bias"] = (D,)
+        out[pre + "mlp.fc1.kernel"] = (D, v.intermediate_size)
+        out[pre + "mlp.fc1.bias"] = (v.intermediate_size,)
+        out[pre + "mlp.fc2.kernel"] = (v.intermediate_size, D)
+        out[pre + "mlp.fc2.bias"] = (D,)
+
+    H = t.hidden_size
+    out["projector.linear_1.kernel"] = (D, H)
+    out["projector.linear_2.kernel"] = (H, H)
+    if cfg.multimodal_projector_bias:
+        out["projector.linear_1.bias"] = (H,)
+        out["projector.linear_2.bias"] = (H,)
+
+    out["language.embed_tokens.embedding"] = (t.vocab_size, H)
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    for i in range(t.num_hidden_layers):
+        pre = f"language.layers.{i}."
+        out[pre + "input_layernorm.scale"] = (H,)
+        out[pre + "post_attention_layernorm.scale"] = (H,)
+        out[pre + "self_attn.q_proj.kernel"] = (H, q)
+        out[pre + "self_attn.k_proj.kernel"] = (H, kv)
+        out[pre + "self_attn.v_proj.kernel"] = (H, kv)
+        out[pre + "self_attn.o_proj.kernel"] = (q, H)
+        out[pre + "mlp.gate_proj.kernel"] = (H, t.intermediate_size)
+        out[pre + "mlp.up_proj.kernel"] = (H, t.intermediate_size)
+        out[pre + "mlp.down_proj.kernel"] = (t.intermediate_size, H)
+    out["language.norm.scale"] = (H,)
+    if not t.tie_word_embeddings:
+        out["lm_head.kernel"] = (H, t.vocab_size)
+    if cfg.model_type == "llava_next":
+        out["image_newline"] = (H,)
+    return out
