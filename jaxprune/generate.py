@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import dataclasses
+
 from jaxprune.models import kv_cache
 from jaxprune.models.attention import causal_mask
 from jaxprune.models.llava import LlavaModule
@@ -49,15 +51,32 @@ def full_logits(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.A
     return m.logits(h)
 
 
-def greedy_decode(m: LlavaModule, first_logits: jax.Array, caches: list[kv_cache.LayerCache],
-                  key_valid: jax.Array, next_pos: jax.Array, start_slot: int, max_new_tokens: int,
-                  eos_ids: tuple[int, ...], pad_id: int) -> jax.Array:
-    """Greedy tokens ``[B, max_new_tokens]`` given the prefill's last-token logits ``[B, V]``.
+@dataclasses.dataclass
+class DecodeState:
+    """What prefill hands to decode. Per-layer lists allow caches of different capacities per layer
+    (segments after an in-LLM cut): each layer has its own ``key_valid [B, S_cap]`` and first free
+    write slot ``start_slot`` (a static int)."""
 
-    ``caches`` may have different capacities per layer (segments after an in-LLM cut); each
-    segment's ``key_valid [B, S_cap]`` and the shared write slot offset are given per layer via
-    ``key_valid`` (a list aligned with ``caches``) and ``start_slot`` (a list of ints).
-    """
+    first_logits: jax.Array            # [B, V] logits of each row's last valid token
+    caches: list[kv_cache.LayerCache]  # per layer, [B, S_cap_l, K, H]
+    key_valid: list[jax.Array]         # per layer, [B, S_cap_l] bool
+    next_pos: jax.Array                # [B] RoPE position of the first generated token
+    start_slot: tuple[int, ...]        # per layer, static
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+
+jax.tree_util.register_dataclass(DecodeState, data_fields=["first_logits", "caches", "key_valid", "next_pos"],
+                                 meta_fields=["start_slot"])
+
+
+def greedy_decode(m: LlavaModule, state: DecodeState, max_new_tokens: int, eos_ids: tuple[int, ...],
+                  pad_id: int) -> jax.Array:
+    """Greedy tokens ``[B, max_new_tokens]`` continuing a prefill ``state``."""
+    first_logits, caches, key_valid, next_pos = state.first_logits, state.caches, state.key_valid, state.next_pos
+    start_slot = state.start_slot
     B = first_logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 

@@ -44,8 +44,9 @@ class Llava:
         self.dtype = jnp.dtype(dtype)
         self.bucket = int(bucket)
         self._forward = jax.jit(functools.partial(_forward_fn, graphdef))
-        self._generate = jax.jit(functools.partial(_generate_fn, graphdef),
-                                 static_argnames=("max_new_tokens", "eos_ids", "pad_id"))
+        self._prefill = jax.jit(functools.partial(_prefill_fn, graphdef), static_argnames=("max_new_tokens",))
+        self._decode = jax.jit(functools.partial(_decode_fn, graphdef),
+                               static_argnames=("max_new_tokens", "eos_ids", "pad_id"), donate_argnums=(1,))
 
     # ---- construction ----------------------------------------------------------------------------
     @staticmethod
@@ -125,8 +126,9 @@ class Llava:
             return run_generate(self, input_ids, pixel_values, attention_mask, image_sizes, reducer,
                                 max_new_tokens, tuple(eos), int(pad))
         b = self.prepare(input_ids, pixel_values, attention_mask, image_sizes)
-        return self._generate(self.params, b.input_ids, b.pixel_values, b.valid, b.positions,
-                              max_new_tokens=max_new_tokens, eos_ids=tuple(eos), pad_id=int(pad))
+        state = self._prefill(self.params, b.input_ids, b.pixel_values, b.valid, b.positions,
+                              max_new_tokens=max_new_tokens)
+        return self._decode(self.params, state, max_new_tokens=max_new_tokens, eos_ids=tuple(eos), pad_id=int(pad))
 
 
 def _embed(m: LlavaModule, input_ids, pixel_values):
@@ -140,7 +142,8 @@ def _forward_fn(graphdef, params, input_ids, pixel_values, valid, positions):
     return gen.full_logits(m, _embed(m, input_ids, pixel_values), positions, valid)
 
 
-def _generate_fn(graphdef, params, input_ids, pixel_values, valid, positions, *, max_new_tokens, eos_ids, pad_id):
+def _prefill_fn(graphdef, params, input_ids, pixel_values, valid, positions, *, max_new_tokens):
+    """Jitted prefill: first-token logits plus the decode state (caches sized ``T + max_new_tokens``)."""
     m = nnx.merge(graphdef, params)
     h = _embed(m, input_ids, pixel_values)
     T = h.shape[1]
@@ -148,8 +151,16 @@ def _generate_fn(graphdef, params, input_ids, pixel_values, valid, positions, *,
     h, caches = gen.decoder_prefill(m, h, positions, valid, range(len(m.language.layers)), cap)
     last = gen.last_valid_index(valid)  # [B]
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, H]
-    first = m.logits(h_last)[:, 0]
-    kvalid = jnp.pad(valid, ((0, 0), (0, cap - T)))
     n = len(caches)
-    next_pos = jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1
-    return gen.greedy_decode(m, first, caches, [kvalid] * n, next_pos, [T] * n, max_new_tokens, eos_ids, pad_id)
+    return gen.DecodeState(
+        first_logits=m.logits(h_last)[:, 0],
+        caches=caches,
+        key_valid=[jnp.pad(valid, ((0, 0), (0, cap - T)))] * n,
+        next_pos=jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1,
+        start_slot=(T,) * n,
+    )
+
+
+def _decode_fn(graphdef, params, state, *, max_new_tokens, eos_ids, pad_id):
+    m = nnx.merge(graphdef, params)
+    return gen.greedy_decode(m, state, max_new_tokens, eos_ids, pad_id)

@@ -41,11 +41,36 @@ def causal_mask(q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array) -> jax
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
               implementation: str | None = None) -> jax.Array:
-    """Fused scaled-dot-product attention. ``q [B,T,N,H]``, ``k/v [B,S,K,H]``, mask ``[B,1,T,S]``.
+    """Scaled-dot-product attention. ``q [B,T,N,H]``, ``k/v [B,S,K,H]``, mask ``[B,1,T,S]``.
 
-    Softmax runs in fp32 in every implementation; fully masked rows give finite (ignored) output.
+    GPU/TPU: ``jax.nn.dot_product_attention`` (``implementation`` passed through; ``None`` lets
+    XLA pick, ``'cudnn'`` forces flash). CPU: :func:`_attention_cpu`, the same math scheduled so
+    XLA:CPU runs it ~2.3x faster (measured at T=672, 8 heads). Softmax is fp32 everywhere; fully
+    masked rows give finite, ignored output.
     """
+    if implementation is None and jax.default_backend() == "cpu":
+        return _attention_cpu(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def _attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Plain einsum attention with optimisation barriers around the softmax.
+
+    XLA:CPU otherwise fuses the mask/softmax into the matmul consumers as scalar loops (measured
+    19 ms vs 8 ms per layer at T=672); the barriers keep the two matmuls as library GEMMs.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = jax.lax.optimization_barrier(s * (1.0 / float(H) ** 0.5))
+    if mask is not None:
+        m = mask.reshape(mask.shape[0], 1, 1, mask.shape[-2], mask.shape[-1]) if mask.shape[1] == 1 else \
+            mask.reshape(mask.shape[0], K, N // K, mask.shape[-2], mask.shape[-1])
+        s = jnp.where(m, s, jnp.finfo(jnp.float32).min)
+    p = jax.lax.optimization_barrier(jax.nn.softmax(s, axis=-1).astype(v.dtype))
+    o = jnp.einsum("bkgts,bskh->btkgh", p, v)
+    return o.reshape(B, T, N, H)
 
 
 def attention_rows(q_rows: jax.Array, k: jax.Array, key_valid: jax.Array) -> jax.Array:
