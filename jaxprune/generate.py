@@ -72,6 +72,30 @@ jax.tree_util.register_dataclass(DecodeState, data_fields=["first_logits", "cach
                                  meta_fields=["start_slot"])
 
 
+def prefill(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.Array, max_new_tokens: int
+            ) -> DecodeState:
+    """Prefill embeddings ``h [B, T, H]`` through every layer; caches sized ``T + max_new_tokens``."""
+    T = h.shape[1]
+    cap = T + max_new_tokens
+    n = len(m.language.layers)
+    h, caches = decoder_prefill(m, h, positions, valid, range(n), cap)
+    return finish_prefill(m, h, positions, valid, caches, [jnp.pad(valid, ((0, 0), (0, cap - T)))] * n, (T,) * n)
+
+
+def finish_prefill(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.Array, caches, key_valid,
+                   start_slot) -> DecodeState:
+    """Last-token logits of each row and the decode state (``positions/valid`` of the final segment)."""
+    last = last_valid_index(valid)  # [B]
+    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, H]
+    return DecodeState(
+        first_logits=m.logits(h_last)[:, 0],
+        caches=caches,
+        key_valid=list(key_valid),
+        next_pos=jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1,
+        start_slot=tuple(start_slot),
+    )
+
+
 def greedy_decode(m: LlavaModule, state: DecodeState, max_new_tokens: int, eos_ids: tuple[int, ...],
                   pad_id: int) -> jax.Array:
     """Greedy tokens ``[B, max_new_tokens]`` continuing a prefill ``state``."""

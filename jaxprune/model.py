@@ -28,6 +28,9 @@ from jaxprune.models.param_spec import param_shapes
 @dataclasses.dataclass(frozen=True)
 class LlavaOutput:
     logits: jax.Array  # [B, T_out, V] fp32
+    attention_mask: jax.Array | None = None  # [B, T_out] validity of the (reduced) sequence; None = as given
+    kept: jax.Array | None = None            # [N_img, k] source patch index of each visual token (-1: empty/CLS)
+    kept_valid: jax.Array | None = None      # [N_img, k] bool
 
 
 def _path_name(path: tuple) -> str:
@@ -46,7 +49,7 @@ class Llava:
         self._forward = jax.jit(functools.partial(_forward_fn, graphdef))
         self._prefill = jax.jit(functools.partial(_prefill_fn, graphdef), static_argnames=("max_new_tokens",))
         self._decode = jax.jit(functools.partial(_decode_fn, graphdef),
-                               static_argnames=("max_new_tokens", "eos_ids", "pad_id"), donate_argnums=(1,))
+                               static_argnames=("max_new_tokens", "eos_ids", "pad_id"))
 
     # ---- construction ----------------------------------------------------------------------------
     @staticmethod
@@ -145,20 +148,7 @@ def _forward_fn(graphdef, params, input_ids, pixel_values, valid, positions):
 def _prefill_fn(graphdef, params, input_ids, pixel_values, valid, positions, *, max_new_tokens):
     """Jitted prefill: first-token logits plus the decode state (caches sized ``T + max_new_tokens``)."""
     m = nnx.merge(graphdef, params)
-    h = _embed(m, input_ids, pixel_values)
-    T = h.shape[1]
-    cap = T + max_new_tokens
-    h, caches = gen.decoder_prefill(m, h, positions, valid, range(len(m.language.layers)), cap)
-    last = gen.last_valid_index(valid)  # [B]
-    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, H]
-    n = len(caches)
-    return gen.DecodeState(
-        first_logits=m.logits(h_last)[:, 0],
-        caches=caches,
-        key_valid=[jnp.pad(valid, ((0, 0), (0, cap - T)))] * n,
-        next_pos=jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1,
-        start_slot=(T,) * n,
-    )
+    return gen.prefill(m, _embed(m, input_ids, pixel_values), positions, valid, max_new_tokens)
 
 
 def _decode_fn(graphdef, params, state, *, max_new_tokens, eos_ids, pad_id):

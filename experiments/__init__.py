@@ -1,0 +1,1 @@
+"""Experiments: evaluation CLI, benchmarks and their results (``experiments/results``)."""

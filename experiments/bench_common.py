@@ -1,0 +1,82 @@
+"""Shared pieces of the CPU/GPU benchmarks: configs, machine description, timing, markdown tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bench_config(vocab: int = 32064) -> LlavaConfig:
+    """LLaVA-1.5-shaped reduced-width config: 336 px / patch 14 -> 576 visual tokens,
+    CLIP 6 x 256 (4 heads), Llama 8 x 512 (8 heads), intermediate 1376, vocab 32064."""
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                            image_size=336, patch_size=14),
+        text=TextConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                        eos_token_id=(2,), pad_token_id=0),
+        image_token_index=32000,
+    )
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def jax_device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '')} (jax {jax.__version__})"
+
+
+def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time in seconds of ``fn()`` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def write_results(stem: str, markdown: str, data: dict) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md, js = RESULTS / f"{stem}.md", RESULTS / f"{stem}.json"
+    md.write_text(markdown)
+    js.write_text(json.dumps(data, indent=1, default=str))
+    return md, js
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)

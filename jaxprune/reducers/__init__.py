@@ -1,0 +1,19 @@
+"""Visual-token reducers: frozen, hashable specs (static budgets) run by the model at their stage.
+
+    r = jp.reducers.fastervlm(budget=64)
+    out = model(input_ids, pixel_values, reducer=r)
+    r2 = jp.reducers.compose(jp.reducers.visionzip(dominant=54, contextual=10), jp.reducers.fastv(layer=2, keep=32))
+
+Low-level primitives (``select_topk``, ``gather``, ``merge_into``, ...) live in
+``jaxprune.reducers._core``; contexts and the return type in ``jaxprune.reducers.base``.
+"""
+
+from jaxprune.reducers._core import (complement_indices, cosine_similarity, gather, merge_into, select_topk,
+                                     uniform_indices)
+from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext
+from jaxprune.reducers.fastervlm import FasterVLM, fastervlm
+from jaxprune.reducers.plan import Compose, compose
+
+__all__ = ["BudgetError", "Compose", "FasterVLM", "ProjectorContext", "Reduced", "VisionContext", "compose",
+           "fastervlm", "select_topk", "gather", "merge_into", "cosine_similarity", "complement_indices",
+           "uniform_indices"]

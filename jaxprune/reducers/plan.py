@@ -1,0 +1,289 @@
+"""Running a model with reducers: the vision / projector / LLM stages and the static sequence build.
+
+Everything here runs inside one jit per (input shapes, reducer spec): every output shape is a
+function of the budgets and the input shapes only. Pre-LLM reduction shortens each image's span
+in the LLM sequence from ``P`` (576) to ``budget`` tokens; the compacted sequence keeps text order
+and renumbers positions (``cumsum(valid) - 1``), and visual slots a budget could not fill are
+masked out of attention. Batches must hold the same number of images in every row (static length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprune import generate as gen
+from jaxprune.inputs import InputError
+from jaxprune.models.attention import attention_rows
+from jaxprune.models.llava import LlavaModule
+from jaxprune.reducers.base import STAGE_ORDER, BudgetError, ProjectorContext, Reduced, VisionContext
+
+
+@dataclasses.dataclass(frozen=True)
+class Compose:
+    """Reducers applied in stage order (vision -> projector -> llm); build with :func:`compose`."""
+
+    reducers: tuple
+
+    @property
+    def stage(self) -> str:
+        return "compose"
+
+
+def compose(*reducers) -> Compose:
+    """Chain reducers functionally: ``compose(visionzip(54, 10), fastv(layer=2, keep=32))``.
+
+    Stages must be given in pipeline order (vision, projector, llm; LLM cuts by increasing layer)."""
+    flat: list = []
+    for r in reducers:
+        flat.extend(r.reducers if isinstance(r, Compose) else (r,))
+    if not flat:
+        raise ValueError("compose() needs at least one reducer")
+    keys = [(STAGE_ORDER[r.stage], getattr(r, "layer", 0) or 0) for r in flat]
+    if keys != sorted(keys):
+        raise ValueError("compose(): reducers must be given in pipeline order (vision, projector, then llm by "
+                         f"layer); got stages {[r.stage for r in flat]}")
+    return Compose(tuple(flat))
+
+
+def as_tuple(reducer) -> tuple:
+    return reducer.reducers if isinstance(reducer, Compose) else (reducer,)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Budget bookkeeping (host side, before tracing): validates every budget against the tokens present.
+def visual_budget(cfg, reducers: tuple) -> int:
+    """Visual tokens per image that reach the LLM after the pre-LLM reducers; validates budgets."""
+    n = cfg.tokens_per_image
+    full = cfg.vision_feature_select_strategy == "full"
+    for r in reducers:
+        if r.stage == "vision":
+            patches = r.output_tokens(cfg.vision.num_patches if n == cfg.vision.num_patches + full else n - full)
+            n = patches + full
+        elif r.stage == "projector":
+            n = r.output_tokens(n)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------
+def _clip_segment(m: LlavaModule, h, valid, start: int, stop: int):
+    """CLIP layers [start, stop) on ``h [N, S, D]`` with key mask ``valid [N, S]``; returns h, q, k of the last."""
+    mask = valid[:, None, None, :]
+    q = k = None
+    for i in range(start, stop):
+        h, q, k = m.vision.layers[i](h, mask)
+    return h, q, k
+
+
+def _cls_attn(q, k, valid):  # q/k [N, S, heads, hd] -> [N, heads, S]
+    return attention_rows(q[:, :1], k, valid)[:, :, 0, :]
+
+
+def _text_to_image(m: LlavaModule, h, positions, valid, is_img, layers: int, query_rows: int, n_img: int,
+                   per_image: int):
+    """Query-aware attention of the prompt's last ``query_rows`` text tokens to each image token,
+    at decoder layer ``layers - 1`` of a shallow prefill on the full sequence. Returns ``[N, P]``."""
+    h, _ = gen.decoder_prefill(m, h, positions, valid, range(layers - 1), 0)
+    layer = m.language.layers[layers - 1]
+    cos, sin = m.language.rope(positions)
+    q, k, _ = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+    B, T = valid.shape
+    last = gen.last_valid_index(valid)
+    rows = jnp.clip(last[:, None] - jnp.arange(query_rows)[None, ::-1], 0, T - 1)  # [B, R]
+    rvalid = jnp.take_along_axis(valid & ~is_img, rows, axis=1)
+    qr = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, R, N, hd]
+    # causal: each query row sees keys up to itself
+    p = attention_rows(qr, k, valid)  # [B, heads, R, T] (keys after a row are images-before-text: fine)
+    p = jnp.where(rvalid[:, None, :, None], p, 0.0).sum(axis=(1, 2)) / jnp.maximum(
+        rvalid.sum(1)[:, None] * p.shape[1], 1)  # [B, T]
+    flat_img = is_img.reshape(-1)
+    order = jnp.argsort(~flat_img, stable=True)[: n_img * per_image]
+    return p.reshape(-1)[order].reshape(n_img, per_image)
+
+
+def pre_llm(m: LlavaModule, reducers: tuple, ids, px, valid, imgs_per_row: int):
+    """Vision + projector stages and the compacted LLM input. Returns ``(h, valid, positions, kept, kept_valid)``."""
+    cfg = m.cfg
+    img_tok = cfg.image_token_index
+    B, T = ids.shape
+    N = px.shape[0]
+    grid = (cfg.vision.grid, cfg.vision.grid)
+    is_img = (ids == img_tok) & valid
+    text_emb = m.embed_text(ids)
+    row = jnp.arange(N) // imgs_per_row
+    te, tv = text_emb[row], (valid & ~is_img)[row]
+
+    # ---- vision stage(s)
+    L = cfg.feature_layer_index
+    h = m.vision.embed(px)  # [N, 1+P, Dv]
+    tvalid = jnp.ones(h.shape[:2], bool)
+    src = jnp.broadcast_to(jnp.arange(h.shape[1])[None], h.shape[:2])  # source index incl. CLS
+    done = 0
+    q = k = None
+    for r in (r for r in reducers if r.stage == "vision"):
+        cut = L if r.vision_layer is None else r.vision_layer
+        if not done < cut <= L:
+            raise BudgetError(f"{type(r).__name__}: vision_layer={cut} must be in ({done}, {L}] "
+                              f"(the feature layer is hidden_states[{L}])")
+        h, q, k = _clip_segment(m, h, tvalid, done, cut)
+        done = cut
+        red: Reduced = r(VisionContext(hidden=h, cls_attn=_cls_attn(q, k, tvalid), keys=k, valid=tvalid,
+                                       text_embeds=te, text_valid=tv, grid=grid))
+        h, tvalid = red.tokens, red.valid
+        src = jnp.take_along_axis(src, red.index, axis=1)
+        q = jnp.take_along_axis(q, red.index[:, :, None, None], axis=1)
+        k = jnp.take_along_axis(k, red.index[:, :, None, None], axis=1)
+    if done < L:
+        h, q, k = _clip_segment(m, h, tvalid, done, L)
+    cls_attn = _cls_attn(q, k, tvalid)  # [N, heads, S]
+    if cfg.vision_feature_select_strategy == "default":  # drop CLS; signals stay aligned with the features
+        h, fvalid, fsrc, cls_attn, k = h[:, 1:], tvalid[:, 1:], src[:, 1:] - 1, cls_attn[:, :, 1:], k[:, 1:]
+    else:
+        fvalid, fsrc = tvalid, src - 1  # CLS itself has source -1
+    vision_hidden = h
+    feats = m.projector(h)
+
+    # ---- projector stage(s)
+    for r in (r for r in reducers if r.stage == "projector"):
+        t2i = None
+        if getattr(r, "shallow_layers", 0):
+            full_h = _merge_sequence(m, ids, valid, is_img, feats, fvalid, text_emb)[0]
+            t2i = _text_to_image(m, full_h, gen.default_positions(valid), valid, is_img, r.shallow_layers,
+                                 getattr(r, "query_rows", 32), N, feats.shape[1])
+        red = r(ProjectorContext(features=feats, valid=fvalid, vision_hidden=vision_hidden, cls_attn=cls_attn,
+                                 keys=k, text_embeds=te, text_valid=tv, text_to_image=t2i, grid=grid))
+        feats, fvalid = red.tokens, red.valid
+        fsrc = jnp.take_along_axis(fsrc, red.index, axis=1)
+        vision_hidden = jnp.take_along_axis(vision_hidden, red.index[..., None], axis=1)
+        cls_attn = jnp.take_along_axis(cls_attn, red.index[:, None, :], axis=2)
+        k = jnp.take_along_axis(k, red.index[:, :, None, None], axis=1)
+
+    # ---- compacted LLM sequence
+    h_seq, valid2, _ = _compact_sequence(m, ids, valid, is_img, feats, fvalid, text_emb, imgs_per_row)
+    return h_seq, valid2, gen.default_positions(valid2), jnp.where(fvalid, fsrc, -1), fvalid
+
+
+def _merge_sequence(m, ids, valid, is_img, feats, fvalid, text_emb):
+    """Full-length sequence (no compaction) with ``feats [N, P, H]`` in the image slots."""
+    flat = feats.reshape(-1, feats.shape[-1]).astype(text_emb.dtype)
+    idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, flat.shape[0] - 1)
+    vals = jnp.take(flat, idx, axis=0).reshape(text_emb.shape)
+    return jnp.where(is_img[..., None], vals, text_emb), valid
+
+
+def _compact_sequence(m, ids, valid, is_img, feats, fvalid, text_emb, imgs_per_row: int):
+    """Drop the image slots beyond ``k`` per image and scatter ``feats [N, k, H]`` into the rest.
+
+    Returns ``(h [B, T', H], valid [B, T'], order [B, T'])`` with ``T' = T - imgs_per_row * (P - k)``.
+    """
+    B, T = ids.shape
+    P = m.cfg.tokens_per_image
+    kk = feats.shape[1]
+    within = (jnp.cumsum(is_img, axis=1) - 1) % P
+    keep = ~is_img | (within < kk)
+    T2 = T - imgs_per_row * (P - kk)
+    order = jnp.argsort(~keep, axis=1, stable=True)[:, :T2]  # kept slots, original order
+    ids2 = jnp.take_along_axis(ids, order, axis=1)
+    valid2 = jnp.take_along_axis(valid, order, axis=1)
+    img2 = jnp.take_along_axis(is_img, order, axis=1)
+    emb2 = jnp.take_along_axis(text_emb, order[..., None], axis=1)
+    flat = feats.reshape(-1, feats.shape[-1]).astype(emb2.dtype)
+    fv = fvalid.reshape(-1)
+    idx = jnp.clip(jnp.cumsum(img2.reshape(-1)) - 1, 0, flat.shape[0] - 1)
+    vals = jnp.take(flat, idx, axis=0).reshape(emb2.shape)
+    h = jnp.where(img2[..., None], vals, emb2)
+    valid2 = valid2 & (~img2 | jnp.take(fv, idx).reshape(img2.shape))
+    del ids2
+    return h, valid2, order
+
+
+# ---------------------------------------------------------------------------------------------------
+def _forward_reduced(graphdef, params, ids, px, valid, *, reducers, imgs_per_row):
+    m = nnx.merge(graphdef, params)
+    h, valid2, pos, kept, kept_valid = pre_llm(m, reducers, ids, px, valid, imgs_per_row)
+    from jaxprune.reducers.llm import run_llm  # in-LLM stages
+
+    logits, valid_out = run_llm(m, [r for r in reducers if r.stage == "llm"], h, pos, valid2)
+    return logits, valid_out, kept, kept_valid
+
+
+def _prefill_reduced(graphdef, params, ids, px, valid, *, reducers, imgs_per_row, max_new_tokens):
+    m = nnx.merge(graphdef, params)
+    h, valid2, pos, kept, kept_valid = pre_llm(m, reducers, ids, px, valid, imgs_per_row)
+    from jaxprune.reducers.llm import prefill_llm
+
+    return prefill_llm(m, [r for r in reducers if r.stage == "llm"], h, pos, valid2, max_new_tokens)
+
+
+def _jitted(model, name: str, fn, static: tuple[str, ...]):
+    cache = model.__dict__.setdefault("_reduced_jits", {})
+    if name not in cache:
+        cache[name] = jax.jit(functools.partial(fn, model.graphdef), static_argnames=static)
+    return cache[name]
+
+
+def _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reducer):
+    from jaxprune.reducers.llm import check_llm_reducers
+
+    reducers = as_tuple(reducer)
+    for r in reducers:
+        if r.stage not in STAGE_ORDER:
+            raise ValueError(f"unknown reducer stage {r.stage!r} of {type(r).__name__}")
+    if model.cfg.model_type != "llava":
+        raise NotImplementedError("reducers on llava_next inputs are not supported yet")
+    b = model.prepare(input_ids, pixel_values, attention_mask, image_sizes)
+    pre = tuple(r for r in reducers if r.stage != "llm")
+    if pre:
+        if b.pixel_values is None:
+            raise InputError("a pre-LLM reducer needs pixel_values")
+        n_img = b.pixel_values.shape[0]
+        if n_img % b.input_ids.shape[0]:
+            raise InputError(f"{n_img} images for {b.input_ids.shape[0]} rows: reducers need the same number of "
+                             "images in every row")
+        ipr = n_img // b.input_ids.shape[0]
+        counts = np.asarray((b.input_ids == model.cfg.image_token_index) & b.valid).sum(1)
+        if not (counts == ipr * model.cfg.tokens_per_image).all():
+            raise InputError(f"image tokens per row {counts.tolist()}: reducers need {ipr} image(s) of "
+                             f"{model.cfg.tokens_per_image} tokens in every row")
+        k = visual_budget(model.cfg, reducers)
+    else:
+        ipr, k = 0, model.cfg.tokens_per_image
+    check_llm_reducers(model.cfg, reducers, b, ipr, k)
+    return b, reducers, ipr, k
+
+
+def run_forward(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, position_ids=None):
+    """``model(..., reducer=r)``: logits ``[B, T_out, V]`` of the reduced sequence (plus its mask)."""
+    from jaxprune.model import LlavaOutput
+
+    if position_ids is not None:
+        raise InputError("position_ids cannot be combined with a reducer (pre-LLM reducers renumber positions)")
+    b, reducers, ipr, k = _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reducer)
+    if ipr == 0:
+        from jaxprune.reducers.llm import forward_llm_only
+
+        return forward_llm_only(model, b, reducers)
+    fn = _jitted(model, "forward", _forward_reduced, ("reducers", "imgs_per_row"))
+    logits, valid_out, kept, kept_valid = fn(model.params, b.input_ids, b.pixel_values, b.valid,
+                                             reducers=reducers, imgs_per_row=ipr)
+    t_out = b.length - ipr * (model.cfg.tokens_per_image - k)
+    return LlavaOutput(logits=logits[:, :t_out], attention_mask=valid_out[:, :t_out], kept=kept,
+                       kept_valid=kept_valid)
+
+
+def run_generate(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, max_new_tokens, eos, pad):
+    b, reducers, ipr, k = _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reducer)
+    if ipr == 0:
+        from jaxprune.reducers.llm import prefill_llm_only
+
+        state = prefill_llm_only(model, b, reducers, max_new_tokens)
+    else:
+        fn = _jitted(model, "prefill", _prefill_reduced, ("reducers", "imgs_per_row", "max_new_tokens"))
+        state = fn(model.params, b.input_ids, b.pixel_values, b.valid, reducers=reducers, imgs_per_row=ipr,
+                   max_new_tokens=max_new_tokens)
+    return model._decode(model.params, state, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
