@@ -50,14 +50,14 @@ def hf_model_from(model: Llava):
     import torch
     from transformers import LlavaConfig as HFConfig, LlavaForConditionalGeneration
 
-    from checkpoints_convert.keys import to_hf_state_dict
+    from checkpoints_convert import hf_state_dict
 
     cfg = dataclasses.replace(model.cfg)
     hf_cfg = HFConfig.from_dict(cfg.to_hf_dict())
     hf_cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         hf = LlavaForConditionalGeneration(hf_cfg)
-    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_hf_state_dict(cfg, model.flat_params()).items()}
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf_state_dict(cfg, model.flat_params(), layout="v5").items()}
     hf.load_state_dict(sd, strict=False, assign=True)
     return hf.eval().float()
 
