@@ -32,17 +32,18 @@ def last_valid_index(valid: jax.Array) -> jax.Array:
 
 
 def decoder_prefill(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.Array,
-                    layers: range, capacity: int):
-    """Run decoder ``layers`` over ``h [B, T, H]``; returns ``(h, caches)`` (caches empty if capacity 0)."""
+                    layers: range, capacity: int, return_qk: bool = False):
+    """Run decoder ``layers`` over ``h [B, T, H]``; returns ``(h, caches)`` (caches None if capacity 0),
+    plus the last layer's post-RoPE ``(q, k)`` when ``return_qk``."""
     T = h.shape[1]
     slots = jnp.broadcast_to(jnp.arange(T)[None], valid.shape)
     mask = causal_mask(slots, slots, valid)
     cos, sin = m.language.rope(positions)
-    caches = []
+    caches, qk = [], None
     for i in layers:
-        h, c = m.language.layers[i].prefill(h, cos, sin, mask, capacity)
+        h, c, qk = m.language.layers[i].prefill(h, cos, sin, mask, capacity)
         caches.append(c)
-    return h, caches
+    return (h, caches, qk) if return_qk else (h, caches)
 
 
 def full_logits(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
@@ -60,7 +61,7 @@ class DecodeState:
     first_logits: jax.Array            # [B, V] logits of each row's last valid token
     caches: list[kv_cache.LayerCache]  # per layer, [B, S_cap_l, K, H]
     key_valid: list[jax.Array]         # per layer, [B, S_cap_l] bool
-    next_pos: jax.Array                # [B] RoPE position of the first generated token
+    next_pos: list[jax.Array]          # per layer, [B] RoPE position of the first generated token
     start_slot: tuple[int, ...]        # per layer, static
 
     @property
@@ -79,21 +80,34 @@ def prefill(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.Array
     cap = T + max_new_tokens
     n = len(m.language.layers)
     h, caches = decoder_prefill(m, h, positions, valid, range(n), cap)
-    return finish_prefill(m, h, positions, valid, caches, [jnp.pad(valid, ((0, 0), (0, cap - T)))] * n, (T,) * n)
+    return finish_prefill(m, h, caches, [Segment(positions, valid, n)], max_new_tokens)
 
 
-def finish_prefill(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.Array, caches, key_valid,
-                   start_slot) -> DecodeState:
-    """Last-token logits of each row and the decode state (``positions/valid`` of the final segment)."""
+@dataclasses.dataclass
+class Segment:
+    """A run of consecutive decoder layers that share one static sequence (after a cut)."""
+
+    positions: jax.Array  # [B, T_s] RoPE positions of the segment's sequence
+    valid: jax.Array      # [B, T_s]
+    num_layers: int
+
+
+def finish_prefill(m: LlavaModule, h: jax.Array, caches, segments: list[Segment], max_new_tokens: int
+                   ) -> DecodeState:
+    """Last-token logits and the decode state. Each segment's layers get their own key mask, first free
+    slot and position frame (next position = the segment's last position of the row + 1)."""
+    valid = segments[-1].valid
     last = last_valid_index(valid)  # [B]
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)  # [B, 1, H]
-    return DecodeState(
-        first_logits=m.logits(h_last)[:, 0],
-        caches=caches,
-        key_valid=list(key_valid),
-        next_pos=jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1,
-        start_slot=tuple(start_slot),
-    )
+    key_valid, start, next_pos = [], [], []
+    for seg in segments:
+        T = seg.valid.shape[1]
+        pos_last = jnp.max(jnp.where(seg.valid, seg.positions, -1), axis=1)  # [B]
+        key_valid += [jnp.pad(seg.valid, ((0, 0), (0, max_new_tokens)))] * seg.num_layers
+        start += [T] * seg.num_layers
+        next_pos += [pos_last + 1] * seg.num_layers
+    return DecodeState(first_logits=m.logits(h_last)[:, 0], caches=caches, key_valid=key_valid,
+                       next_pos=next_pos, start_slot=tuple(start))
 
 
 def greedy_decode(m: LlavaModule, state: DecodeState, max_new_tokens: int, eos_ids: tuple[int, ...],
@@ -120,17 +134,17 @@ def greedy_decode(m: LlavaModule, state: DecodeState, max_new_tokens: int, eos_i
         i, out, done, caches, kvalid, pos = state
         tok = out[:, i - 1]
         h = m.language.embed_tokens(tok[:, None])  # [B, 1, H]
-        cos, sin = m.language.rope(pos[:, None])
         new_caches, new_valid = [], []
-        for layer, c, kv, s0 in zip(m.language.layers, caches, kvalid, start_slot):
-            slot = (s0 + i - 1).astype(jnp.int32)
+        for li, (layer, c, kv, s0) in enumerate(zip(m.language.layers, caches, kvalid, start_slot)):
+            cos, sin = m.language.rope((pos[li] + i - 1)[:, None])  # each segment has its own frame
+            slot = jnp.int32(s0) + i - 1
             kv = jax.lax.dynamic_update_slice(kv, jnp.ones((B, 1), bool), (jnp.int32(0), slot))
             h, c = layer.decode(h, cos, sin, c, slot, kv[:, None, None, :])
             new_caches.append(c)
             new_valid.append(kv)
         tok, done = pick(m.logits(h)[:, 0], done)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (jnp.int32(0), i))
-        return i + 1, out, done, new_caches, new_valid, pos + 1
+        return i + 1, out, done, new_caches, new_valid, pos
 
     state = (jnp.int32(1), out, done0, caches, key_valid, next_pos)
     return jax.lax.while_loop(cond, body, state)[1]

@@ -60,11 +60,14 @@ class LlamaLayer(nnx.Module):
         self.mlp = LlamaMLP(cfg, rngs=rngs, **kw)
 
     def prefill(self, h: jax.Array, cos, sin, mask: jax.Array, capacity: int):
-        """Full-sequence step. ``h [B, T, H]``, ``mask [B, 1, T, T]``. Returns ``(h, cache)``."""
+        """Full-sequence step. ``h [B, T, H]``, ``mask [B, 1, T, T]``.
+
+        Returns ``(h, cache, (q, k))`` with this layer's post-RoPE ``q [B,T,N,hd]``, ``k [B,T,K,hd]``.
+        """
         q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
         h = h + self.self_attn.out(attention(q, k, v, mask))
         h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, (kv_cache.prefill_cache(k, v, capacity) if capacity else None)
+        return h, (kv_cache.prefill_cache(k, v, capacity) if capacity else None), (q, k)
 
     def decode(self, h: jax.Array, cos, sin, cache: kv_cache.LayerCache, slot: jax.Array, mask: jax.Array):
         """One new token per row. ``h [B, 1, H]``, ``mask [B, 1, 1, S_cap]`` (already includes ``slot``)."""

@@ -1,37 +1,213 @@
-"""The LLM stage: running the decoder with reducers that cut the sequence after chosen layers.
+"""The LLM stage: the decoder run as static segments, cut after chosen layers by in-LLM reducers.
 
-Without LLM-stage reducers this is the plain decoder. In-LLM reducers (FastV, PyramidDrop,
-VisionDrop stage B, ADSC, DART) plug in through :func:`run_llm` / :func:`prefill_llm`.
+An LLM-stage reducer has ``stage = "llm"`` and ``layer = K`` (cut after K decoder layers, 1 <= K <
+num_layers). At the cut it sees an :class:`LLMContext` — the hidden states, the visual slots, the
+post-RoPE q/k of layer K-1 (the last one run) and, if it asks (``needs_next_qk``), of layer K
+recomputed on the current hidden states — and returns an :class:`LLMReduced`: which visual tokens go
+on (``slots`` into the row's visual pool, in output order) and their hidden states (gathered or
+merged). The machinery then
+
+* drops the other visual slots and writes the new visual tokens, in order, into the remaining
+  visual slots (so ``[prefix | visual | suffix]`` keeps its layout), text untouched;
+* sets positions per the reducer's convention: ``"keep"`` (original RoPE ids of the slots, FastV) or
+  ``"renumber"`` (``cumsum(valid) - 1``, PyramidDrop/VisionDrop; at decode each segment keeps its own
+  contiguous frame, which is the official codes' per-layer position shift);
+* runs layers ``[K, ...)`` on the shorter static sequence with their own, smaller KV cache.
+
+Attention scores are recomputed only for the query rows a method needs
+(:func:`~jaxprune.models.attention.attention_rows`); the main attention stays fused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
+import jax
 import jax.numpy as jnp
 
 from jaxprune import generate as gen
 from jaxprune.models.llava import LlavaModule
+from jaxprune.reducers.base import BudgetError, ReducerBase, _register
 
 
-def check_llm_reducers(cfg, reducers: tuple, batch, imgs_per_row: int, visual_per_image: int) -> None:
-    """Host-side validation of LLM-stage reducers against the batch (layers, budgets)."""
-    llm = [r for r in reducers if r.stage == "llm"]
-    if llm:
-        raise NotImplementedError(
-            f"{type(llm[0]).__name__}: LLM-stage reducers are not available in this version of jaxprune")
+@dataclasses.dataclass
+class LLMContext:
+    """Decoder state at a cut (``B`` rows, ``T`` tokens, ``V`` visual slots per row)."""
+
+    hidden: jax.Array          # [B, T, H] output of layer K-1 (input of layer K)
+    valid: jax.Array           # [B, T] bool
+    positions: jax.Array       # [B, T] int32 current RoPE positions
+    visual_index: jax.Array    # [B, V] int32 sequence slot of each visual token (sequence order)
+    visual_valid: jax.Array    # [B, V] bool
+    last_index: jax.Array      # [B] int32 last valid token (the last instruction token)
+    prev_q: jax.Array          # [B, T, N, hd] post-RoPE queries of layer K-1
+    prev_k: jax.Array          # [B, T, Kv, hd] post-RoPE keys of layer K-1
+    next_q: jax.Array | None   # [B, T, N, hd] layer K's queries on ``hidden`` (if needs_next_qk)
+    next_k: jax.Array | None   # [B, T, Kv, hd]
+    normed: jax.Array          # [B, T, H] the final RMSNorm applied to ``hidden`` (DART's space)
+
+    @property
+    def visual_hidden(self) -> jax.Array:  # [B, V, H]
+        return jnp.take_along_axis(self.hidden, self.visual_index[..., None], axis=1)
+
+    def visual(self, x: jax.Array) -> jax.Array:
+        """Gather any per-token array ``[B, T, ...]`` at the visual slots -> ``[B, V, ...]``."""
+        idx = self.visual_index.reshape(self.visual_index.shape + (1,) * (x.ndim - 2))
+        return jnp.take_along_axis(x, idx, axis=1)
+
+    @property
+    def text_valid(self) -> jax.Array:  # [B, T] valid non-visual tokens
+        onehot = jnp.zeros_like(self.valid).at[jnp.arange(self.valid.shape[0])[:, None], self.visual_index].set(True)
+        return self.valid & ~onehot
 
 
-def run_llm(m: LlavaModule, llm_reducers: list, h, positions, valid):
-    """Logits ``[B, T, V]`` and the final validity mask of the (possibly cut) sequence."""
-    return gen.full_logits(m, h, positions, valid), valid
+_register(LLMContext, ["hidden", "valid", "positions", "visual_index", "visual_valid", "last_index", "prev_q",
+                       "prev_k", "next_q", "next_k", "normed"])
 
 
-def prefill_llm(m: LlavaModule, llm_reducers: list, h, positions, valid, max_new_tokens: int) -> gen.DecodeState:
-    return gen.prefill(m, h, positions, valid, max_new_tokens)
+@dataclasses.dataclass
+class LLMReduced:
+    slots: jax.Array   # [B, V'] indices into the visual pool (0..V-1), in output order
+    tokens: jax.Array  # [B, V', H] hidden states of the visual tokens that go on
+    valid: jax.Array   # [B, V'] bool
 
 
-def forward_llm_only(model, batch, reducers):  # text-only / LLM-only reducer paths
-    raise NotImplementedError("LLM-stage reducers are not available in this version of jaxprune")
+_register(LLMReduced, ["slots", "tokens", "valid"])
 
 
-def prefill_llm_only(model, batch, reducers, max_new_tokens):
-    raise NotImplementedError("LLM-stage reducers are not available in this version of jaxprune")
+class LLMReducerBase(ReducerBase):
+    """Base for in-LLM cuts: ``layer`` (dataclass field), ``positions`` convention, ``output_visual``."""
+
+    stage: ClassVar[str] = "llm"
+    positions: ClassVar[str] = "keep"
+    needs_next_qk: ClassVar[bool] = False
+
+    def output_visual(self, available: int) -> int:
+        """Visual tokens per row after the cut (validates the budget against ``available``)."""
+        raise NotImplementedError
+
+    def output_tokens(self, available: int) -> int:
+        return self.output_visual(available)
+
+
+def check_layer(name: str, layer: int, num_layers: int | None = None) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise BudgetError(f"{name}.layer must be a Python int, got {layer!r}")
+    hi = "num_layers" if num_layers is None else num_layers
+    if layer < 1 or (num_layers is not None and layer >= num_layers):
+        raise BudgetError(f"{name}.layer={layer} is outside [1, {hi}): a cut must leave layers on both sides")
+    return layer
+
+
+# ---------------------------------------------------------------------------------------------------
+def check_llm_reducers(cfg, reducers: tuple, batch, imgs_per_row: int, visual_per_image: int) -> list[int]:
+    """Host-side validation: layers in range and increasing, budgets never growing. Returns V per segment."""
+    L = cfg.text.num_hidden_layers
+    v = imgs_per_row * visual_per_image
+    counts, prev = [v], 0
+    for r in (r for r in reducers if r.stage == "llm"):
+        name = type(r).__name__
+        check_layer(name, r.layer, L)
+        if r.layer <= prev:
+            raise BudgetError(f"{name}.layer={r.layer}: LLM cuts must be at strictly increasing layers (previous "
+                              f"cut after layer {prev})")
+        if v == 0:
+            raise BudgetError(f"{name}: an in-LLM reducer needs visual tokens in the input")
+        nv = r.output_visual(v)
+        if nv > v:
+            raise BudgetError(f"{name}: the schedule grows the visual token count ({v} -> {nv})")
+        counts.append(nv)
+        prev, v = r.layer, nv
+    return counts
+
+
+def _visual_slots(is_visual: jax.Array, n: int):
+    """Static-count slot indices ``[B, n]`` of the visual tokens in sequence order."""
+    order = jnp.argsort(~is_visual, axis=1, stable=True)[:, :n]
+    return order.astype(jnp.int32)
+
+
+def _cut(m: LlavaModule, r, h, valid, positions, vis_idx, vis_valid, qk):
+    """Apply one cut. Returns the new ``(h, valid, positions, vis_idx, vis_valid)`` and the kept mask
+    (over the old sequence; for the mask-equivalence test)."""
+    B, T, _ = h.shape
+    next_q = next_k = None
+    if r.needs_next_qk:
+        layer = m.language.layers[r.layer]
+        cos, sin = m.language.rope(positions)
+        next_q, next_k, _ = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+    ctx = LLMContext(hidden=h, valid=valid, positions=positions, visual_index=vis_idx, visual_valid=vis_valid,
+                     last_index=gen.last_valid_index(valid), prev_q=qk[0], prev_k=qk[1], next_q=next_q,
+                     next_k=next_k, normed=m.language.norm(h))
+    red: LLMReduced = r(ctx)
+    V, V2 = vis_idx.shape[1], red.slots.shape[1]
+    rows = jnp.arange(B)[:, None]
+    chosen = jnp.zeros((B, V), bool).at[rows, red.slots].set(True)  # [B, V] pool entries kept
+    is_vis = jnp.zeros((B, T), bool).at[rows, vis_idx].set(True)
+    drop = jnp.zeros((B, T), bool).at[rows, vis_idx].set(~chosen)
+    keep = ~drop  # [B, T]
+    T2 = T - V + V2
+    order = jnp.argsort(~keep, axis=1, stable=True)[:, :T2].astype(jnp.int32)  # kept slots, in order
+    h2 = jnp.take_along_axis(h, order[..., None], axis=1)
+    valid2 = jnp.take_along_axis(valid, order, axis=1)
+    pos2 = jnp.take_along_axis(positions, order, axis=1)
+    vis2 = jnp.take_along_axis(is_vis, order, axis=1)
+    new_vis_idx = _visual_slots(vis2, V2)  # remaining visual slots, sequence order
+    h2 = h2.at[rows, new_vis_idx].set(red.tokens.astype(h2.dtype))
+    valid2 = valid2.at[rows, new_vis_idx].set(red.valid)
+    if r.positions == "keep":  # token j takes the original position of the j-th remaining visual slot
+        pass
+    elif r.positions == "renumber":
+        pos2 = gen.default_positions(valid2)
+    else:
+        raise ValueError(f"{type(r).__name__}.positions={r.positions!r} is not 'keep' or 'renumber'")
+    return h2, valid2, pos2, new_vis_idx, red.valid, keep & valid
+
+
+def _segments(m: LlavaModule, llm_reducers: list, h, positions, valid, is_visual, n_visual: int,
+              capacity_extra: int | None, mask_only: bool = False):
+    """Run the whole decoder with cuts. Returns ``(h, valid, caches, segments)``.
+
+    ``capacity_extra``: None = no caches (forward); else caches of ``T_s + capacity_extra`` per segment.
+    ``mask_only``: keep the full sequence and mask dropped tokens out of attention instead of gathering
+    (reference semantics for the gather == mask test; only for 'keep'-position, selection reducers).
+    """
+    L = len(m.language.layers)
+    vis_idx = _visual_slots(is_visual, n_visual)
+    vis_valid = jnp.take_along_axis(valid, vis_idx, axis=1)
+    caches, segments, start = [], [], 0
+    attn_valid = valid
+    for r in list(llm_reducers) + [None]:
+        stop = L if r is None else r.layer
+        cap = 0 if capacity_extra is None else h.shape[1] + capacity_extra
+        h, c, qk = gen.decoder_prefill(m, h, positions, attn_valid, range(start, stop), cap, return_qk=True)
+        caches += c
+        segments.append(gen.Segment(positions, attn_valid, stop - start))
+        if r is None:
+            break
+        if mask_only:
+            _, _, _, _, _, keep = _cut(m, r, h, valid, positions, vis_idx, vis_valid, qk)
+            attn_valid = keep
+        else:
+            h, valid, positions, vis_idx, vis_valid, _ = _cut(m, r, h, valid, positions, vis_idx, vis_valid, qk)
+            attn_valid = valid
+        start = stop
+    return h, attn_valid, caches, segments
+
+
+def run_llm(m: LlavaModule, llm_reducers: list, h, positions, valid, is_visual=None, n_visual: int = 0,
+            mask_only: bool = False):
+    """Logits ``[B, T_out, V]`` and the final validity mask of the (possibly cut) sequence."""
+    if not llm_reducers:
+        return gen.full_logits(m, h, positions, valid), valid
+    h, valid, _, _ = _segments(m, llm_reducers, h, positions, valid, is_visual, n_visual, None, mask_only)
+    return m.logits(h), valid
+
+
+def prefill_llm(m: LlavaModule, llm_reducers: list, h, positions, valid, max_new_tokens: int, is_visual=None,
+                n_visual: int = 0) -> gen.DecodeState:
+    if not llm_reducers:
+        return gen.prefill(m, h, positions, valid, max_new_tokens)
+    h, _, caches, segments = _segments(m, llm_reducers, h, positions, valid, is_visual, n_visual, max_new_tokens)
+    return gen.finish_prefill(m, h, caches, segments, max_new_tokens)

@@ -22,6 +22,7 @@ from jaxprune.inputs import InputError
 from jaxprune.models.attention import attention_rows
 from jaxprune.models.llava import LlavaModule
 from jaxprune.reducers.base import STAGE_ORDER, BudgetError, ProjectorContext, Reduced, VisionContext
+from jaxprune.reducers.llm import check_llm_reducers, prefill_llm, run_llm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +165,8 @@ def pre_llm(m: LlavaModule, reducers: tuple, ids, px, valid, imgs_per_row: int):
         k = jnp.take_along_axis(k, red.index[:, :, None, None], axis=1)
 
     # ---- compacted LLM sequence
-    h_seq, valid2, _ = _compact_sequence(m, ids, valid, is_img, feats, fvalid, text_emb, imgs_per_row)
-    return h_seq, valid2, gen.default_positions(valid2), jnp.where(fvalid, fsrc, -1), fvalid
+    h_seq, valid2, img2 = _compact_sequence(m, ids, valid, is_img, feats, fvalid, text_emb, imgs_per_row)
+    return h_seq, valid2, gen.default_positions(valid2), jnp.where(fvalid, fsrc, -1), fvalid, img2
 
 
 def _merge_sequence(m, ids, valid, is_img, feats, fvalid, text_emb):
@@ -179,7 +180,7 @@ def _merge_sequence(m, ids, valid, is_img, feats, fvalid, text_emb):
 def _compact_sequence(m, ids, valid, is_img, feats, fvalid, text_emb, imgs_per_row: int):
     """Drop the image slots beyond ``k`` per image and scatter ``feats [N, k, H]`` into the rest.
 
-    Returns ``(h [B, T', H], valid [B, T'], order [B, T'])`` with ``T' = T - imgs_per_row * (P - k)``.
+    Returns ``(h [B, T', H], valid [B, T'], is_image [B, T'])`` with ``T' = T - imgs_per_row * (P - k)``.
     """
     B, T = ids.shape
     P = m.cfg.tokens_per_image
@@ -188,7 +189,6 @@ def _compact_sequence(m, ids, valid, is_img, feats, fvalid, text_emb, imgs_per_r
     keep = ~is_img | (within < kk)
     T2 = T - imgs_per_row * (P - kk)
     order = jnp.argsort(~keep, axis=1, stable=True)[:, :T2]  # kept slots, original order
-    ids2 = jnp.take_along_axis(ids, order, axis=1)
     valid2 = jnp.take_along_axis(valid, order, axis=1)
     img2 = jnp.take_along_axis(is_img, order, axis=1)
     emb2 = jnp.take_along_axis(text_emb, order[..., None], axis=1)
@@ -198,26 +198,23 @@ def _compact_sequence(m, ids, valid, is_img, feats, fvalid, text_emb, imgs_per_r
     vals = jnp.take(flat, idx, axis=0).reshape(emb2.shape)
     h = jnp.where(img2[..., None], vals, emb2)
     valid2 = valid2 & (~img2 | jnp.take(fv, idx).reshape(img2.shape))
-    del ids2
-    return h, valid2, order
+    return h, valid2, img2
 
 
 # ---------------------------------------------------------------------------------------------------
-def _forward_reduced(graphdef, params, ids, px, valid, *, reducers, imgs_per_row):
+def _forward_reduced(graphdef, params, ids, px, valid, *, reducers, imgs_per_row, mask_only=False):
     m = nnx.merge(graphdef, params)
-    h, valid2, pos, kept, kept_valid = pre_llm(m, reducers, ids, px, valid, imgs_per_row)
-    from jaxprune.reducers.llm import run_llm  # in-LLM stages
-
-    logits, valid_out = run_llm(m, [r for r in reducers if r.stage == "llm"], h, pos, valid2)
+    h, valid2, pos, kept, kept_valid, is_vis = pre_llm(m, reducers, ids, px, valid, imgs_per_row)
+    llm = [r for r in reducers if r.stage == "llm"]
+    logits, valid_out = run_llm(m, llm, h, pos, valid2, is_vis, imgs_per_row * kept.shape[1], mask_only)
     return logits, valid_out, kept, kept_valid
 
 
 def _prefill_reduced(graphdef, params, ids, px, valid, *, reducers, imgs_per_row, max_new_tokens):
     m = nnx.merge(graphdef, params)
-    h, valid2, pos, kept, kept_valid = pre_llm(m, reducers, ids, px, valid, imgs_per_row)
-    from jaxprune.reducers.llm import prefill_llm
-
-    return prefill_llm(m, [r for r in reducers if r.stage == "llm"], h, pos, valid2, max_new_tokens)
+    h, valid2, pos, kept, kept_valid, is_vis = pre_llm(m, reducers, ids, px, valid, imgs_per_row)
+    llm = [r for r in reducers if r.stage == "llm"]
+    return prefill_llm(m, llm, h, pos, valid2, max_new_tokens, is_vis, imgs_per_row * kept.shape[1])
 
 
 def _jitted(model, name: str, fn, static: tuple[str, ...]):
@@ -228,8 +225,6 @@ def _jitted(model, name: str, fn, static: tuple[str, ...]):
 
 
 def _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reducer):
-    from jaxprune.reducers.llm import check_llm_reducers
-
     reducers = as_tuple(reducer)
     for r in reducers:
         if r.stage not in STAGE_ORDER:
@@ -237,53 +232,45 @@ def _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reduce
     if model.cfg.model_type != "llava":
         raise NotImplementedError("reducers on llava_next inputs are not supported yet")
     b = model.prepare(input_ids, pixel_values, attention_mask, image_sizes)
-    pre = tuple(r for r in reducers if r.stage != "llm")
-    if pre:
-        if b.pixel_values is None:
-            raise InputError("a pre-LLM reducer needs pixel_values")
-        n_img = b.pixel_values.shape[0]
-        if n_img % b.input_ids.shape[0]:
-            raise InputError(f"{n_img} images for {b.input_ids.shape[0]} rows: reducers need the same number of "
-                             "images in every row")
-        ipr = n_img // b.input_ids.shape[0]
-        counts = np.asarray((b.input_ids == model.cfg.image_token_index) & b.valid).sum(1)
-        if not (counts == ipr * model.cfg.tokens_per_image).all():
-            raise InputError(f"image tokens per row {counts.tolist()}: reducers need {ipr} image(s) of "
-                             f"{model.cfg.tokens_per_image} tokens in every row")
-        k = visual_budget(model.cfg, reducers)
-    else:
-        ipr, k = 0, model.cfg.tokens_per_image
+    if b.pixel_values is None:
+        raise InputError("reducers act on visual tokens: pixel_values are required")
+    n_img = b.pixel_values.shape[0]
+    if n_img % b.input_ids.shape[0]:
+        raise InputError(f"{n_img} images for {b.input_ids.shape[0]} rows: reducers need the same number of "
+                         "images in every row")
+    ipr = n_img // b.input_ids.shape[0]
+    counts = np.asarray((b.input_ids == model.cfg.image_token_index) & b.valid).sum(1)
+    if not (counts == ipr * model.cfg.tokens_per_image).all():
+        raise InputError(f"image tokens per row {counts.tolist()}: reducers need {ipr} image(s) of "
+                         f"{model.cfg.tokens_per_image} tokens in every row")
+    k = visual_budget(model.cfg, reducers)
     check_llm_reducers(model.cfg, reducers, b, ipr, k)
     return b, reducers, ipr, k
 
 
-def run_forward(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, position_ids=None):
-    """``model(..., reducer=r)``: logits ``[B, T_out, V]`` of the reduced sequence (plus its mask)."""
+def run_forward(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, position_ids=None,
+                mask_only: bool = False):
+    """``model(..., reducer=r)``: logits ``[B, T_out, V]`` of the reduced sequence (plus its mask).
+
+    ``mask_only`` (reference semantics, tests): in-LLM cuts mask dropped tokens out of attention
+    instead of removing them; logits then cover the full post-pre-LLM sequence."""
     from jaxprune.model import LlavaOutput
 
     if position_ids is not None:
         raise InputError("position_ids cannot be combined with a reducer (pre-LLM reducers renumber positions)")
     b, reducers, ipr, k = _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reducer)
-    if ipr == 0:
-        from jaxprune.reducers.llm import forward_llm_only
-
-        return forward_llm_only(model, b, reducers)
-    fn = _jitted(model, "forward", _forward_reduced, ("reducers", "imgs_per_row"))
+    fn = _jitted(model, "forward", _forward_reduced, ("reducers", "imgs_per_row", "mask_only"))
     logits, valid_out, kept, kept_valid = fn(model.params, b.input_ids, b.pixel_values, b.valid,
-                                             reducers=reducers, imgs_per_row=ipr)
-    t_out = b.length - ipr * (model.cfg.tokens_per_image - k)
+                                             reducers=reducers, imgs_per_row=ipr, mask_only=mask_only)
+    pad = b.input_ids.shape[1] - b.length  # bucket padding sits at the end of every row
+    t_out = logits.shape[1] - pad
     return LlavaOutput(logits=logits[:, :t_out], attention_mask=valid_out[:, :t_out], kept=kept,
                        kept_valid=kept_valid)
 
 
 def run_generate(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, max_new_tokens, eos, pad):
     b, reducers, ipr, k = _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reducer)
-    if ipr == 0:
-        from jaxprune.reducers.llm import prefill_llm_only
-
-        state = prefill_llm_only(model, b, reducers, max_new_tokens)
-    else:
-        fn = _jitted(model, "prefill", _prefill_reduced, ("reducers", "imgs_per_row", "max_new_tokens"))
-        state = fn(model.params, b.input_ids, b.pixel_values, b.valid, reducers=reducers, imgs_per_row=ipr,
-                   max_new_tokens=max_new_tokens)
+    fn = _jitted(model, "prefill", _prefill_reduced, ("reducers", "imgs_per_row", "max_new_tokens"))
+    state = fn(model.params, b.input_ids, b.pixel_values, b.valid, reducers=reducers, imgs_per_row=ipr,
+               max_new_tokens=max_new_tokens)
     return model._decode(model.params, state, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
