@@ -12,8 +12,11 @@ from jaxprune.reducers._core import (complement_indices, cosine_similarity, gath
                                      uniform_indices)
 from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext
 from jaxprune.reducers.fastervlm import FasterVLM, fastervlm
+from jaxprune.reducers.fastv import FastV, fastv
 from jaxprune.reducers.plan import Compose, compose
+from jaxprune.reducers.visiondrop import VisionDropVision, visiondrop_vision
+from jaxprune.reducers.visionzip import VisionZip, visionzip
 
-__all__ = ["BudgetError", "Compose", "FasterVLM", "ProjectorContext", "Reduced", "VisionContext", "compose",
-           "fastervlm", "select_topk", "gather", "merge_into", "cosine_similarity", "complement_indices",
-           "uniform_indices"]
+__all__ = ["BudgetError", "Compose", "FasterVLM", "FastV", "ProjectorContext", "Reduced", "VisionContext",
+           "VisionDropVision", "VisionZip", "compose", "fastervlm", "fastv", "visiondrop_vision", "visionzip",
+           "select_topk", "gather", "merge_into", "cosine_similarity", "complement_indices", "uniform_indices"]
