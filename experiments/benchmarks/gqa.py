@@ -1,0 +1,150 @@
+"""GQA testdev-balanced: LLaVA question file / raw GQA questions json, exact-match accuracy.
+
+Official pieces reproduced:
+
+* ``scripts/convert_gqa_for_eval.py`` (haotian-liu/LLaVA @ c121f0432da27facab705978f83c4ada465e46fd): prediction =
+  ``text.rstrip('.').lower()``, written as ``[{"questionId", "prediction"}]`` (:meth:`GQA.write_submission`).
+* The GQA ``eval.py`` (cs.stanford.edu/people/dorarad/gqa/evaluate.html, with LLaVA's gist patch that tolerates the
+  missing scene-graph / choices assets; public copies read for this): over questions with ``isBalanced``,
+  ``correct = (prediction == answer)`` with no further normalisation; ``accuracy``, ``binary`` / ``open`` (open iff
+  ``types.structural == "query"``) and accuracy per structural and per semantic type, all in percent.  Validity,
+  plausibility, consistency, grounding and distribution need assets absent from testdev and are not computed.
+* ``protocol="lmms_eval"``: lmms-eval ``gqa`` ``exact_match`` with ``ignore_case`` and ``ignore_punctuation`` (every
+  ``string.punctuation`` character deleted from both sides; no stripping) (@ 75571cfe).
+
+Deviation: eval.py raises when a balanced question has no prediction; here it scores as ``""`` (``n_missing``).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    SHORT_ANSWER_SUFFIX,
+    BenchmarkBase,
+    BenchmarkFormatError,
+    Question,
+    assign_keys,
+    collect_answers,
+    lookup_answer,
+    pct,
+)
+from .files import find_file, load_llava_questions, read_json
+
+LLAVA_QUESTION_FILES = ("llava_gqa_testdev_balanced.jsonl",)
+RAW_QUESTION_FILES = ("data/testdev_balanced_questions.json", "testdev_balanced_questions.json")
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+
+
+def llava_gqa_prediction(text: str) -> str:
+    """``convert_gqa_for_eval.py``: strip trailing periods, lowercase."""
+    return text.rstrip(".").lower()
+
+
+def read_gqa_questions(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The official ``{questionId: {imageId, question, answer, isBalanced, types, ...}}`` file."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise BenchmarkFormatError(path, "expected a JSON object {questionId: question}")
+    for qid, q in data.items():
+        if not isinstance(q, dict) or not {"imageId", "question"} <= set(q):
+            raise BenchmarkFormatError(path, f"question {qid!r} lacks 'imageId' or 'question'")
+    return data
+
+
+def _attach(q: Question, raw: dict[str, Any]) -> None:
+    if "answer" in raw:
+        q.answers = [str(raw["answer"])]
+    types = raw.get("types") or {}
+    q.metadata.update(is_balanced=bool(raw.get("isBalanced", True)), structural=types.get("structural"),
+                      semantic=types.get("semantic"), detailed=types.get("detailed"),
+                      full_answer=raw.get("fullAnswer"))
+    q.category = types.get("semantic") or q.category
+    q.split = types.get("structural") or q.split
+
+
+class GQA(BenchmarkBase):
+    """GQA testdev-balanced (LLaVA-1.5: 62.0 for 7B)."""
+
+    name = "gqa"
+    has_submission = True
+
+    def load(self, root: str | Path, *, question_file: str | Path | None = None,
+             annotation_file: str | Path | None = None, image_folder: str | Path | None = None,
+             **_: Any) -> list[Question]:
+        """``llava_gqa_testdev_balanced.jsonl`` (images ``data/images/``) with ground truth from
+        ``data/testdev_balanced_questions.json`` when present; without the LLaVA file the prompts are built from the raw
+        questions (``question + short-answer suffix``, image ``{imageId}.jpg``)."""
+        root = Path(root)
+        img = root / (image_folder or "data/images")
+        af = find_file(root, [annotation_file] if annotation_file else RAW_QUESTION_FILES)
+        if annotation_file and af is None:
+            raise FileNotFoundError(f"gqa: annotation file {annotation_file} not found under {root}")
+        qf = find_file(root, [question_file] if question_file else LLAVA_QUESTION_FILES)
+        raw = read_gqa_questions(af) if af is not None else None
+        if qf is not None:
+            qs = load_llava_questions(qf, img)
+            if raw is not None:
+                for q in qs:
+                    hit = raw.get(str(q.question_id))
+                    if hit is not None:
+                        _attach(q, hit)
+            return qs
+        if raw is None:
+            raise FileNotFoundError(f"gqa: neither {LLAVA_QUESTION_FILES[0]} nor {' / '.join(RAW_QUESTION_FILES)} "
+                                    f"found under {root}")
+        out = []
+        for qid, r in raw.items():
+            q = Question(question_id=qid, text=r["question"] + SHORT_ANSWER_SUFFIX, image=f"{r['imageId']}.jpg",
+                         image_root=str(img))
+            _attach(q, r)
+            out.append(q)
+        return assign_keys(out)
+
+    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str = "llava",
+              strict: bool = False, **_: Any) -> dict[str, Any]:
+        """Exact-match accuracy (percent) over balanced questions with ground truth."""
+        if protocol not in ("llava", "lmms_eval"):
+            raise ValueError(f"gqa: unknown protocol {protocol!r} (llava, lmms_eval)")
+        scored = [q for q in questions if q.answers and q.metadata.get("is_balanced", True)]
+        if not scored:
+            raise ValueError("gqa: no question has a ground-truth answer (load testdev_balanced_questions.json)")
+        texts, n_missing = collect_answers(scored, answers, strict, self.name)
+        hits: list[bool] = []
+        groups: dict[str, dict[str, list[bool]]] = {"binary_open": {}, "structural": {}, "semantic": {}}
+        for q, text in zip(scored, texts):
+            if protocol == "llava":
+                ok = llava_gqa_prediction(text) == q.answers[0]
+            else:
+                ok = text.lower().translate(_PUNCT_TABLE) == q.answers[0].lower().translate(_PUNCT_TABLE)
+            hits.append(ok)
+            st = q.metadata.get("structural")
+            if st is not None:
+                groups["binary_open"].setdefault("open" if st == "query" else "binary", []).append(ok)
+                groups["structural"].setdefault(str(st), []).append(ok)
+            if q.metadata.get("semantic") is not None:
+                groups["semantic"].setdefault(str(q.metadata["semantic"]), []).append(ok)
+        acc = lambda xs: pct(sum(xs), len(xs))
+        out: dict[str, Any] = {"accuracy": acc(hits), "n": len(hits), "n_missing": n_missing, "protocol": protocol}
+        for k, v in sorted(groups["binary_open"].items()):
+            out[k] = acc(v)
+        out["per_structural_type"] = {k: acc(v) for k, v in sorted(groups["structural"].items())}
+        out["per_semantic_type"] = {k: acc(v) for k, v in sorted(groups["semantic"].items())}
+        return out
+
+    def write_submission(self, questions: Sequence[Question], answers: Mapping[Any, str], path: str | Path,
+                         **_: Any) -> Path:
+        """``testdev_balanced_predictions.json`` for the official eval.py (answered questions, question order)."""
+        out = []
+        for q in questions:
+            a = lookup_answer(answers, q)
+            if a is not None:
+                out.append({"questionId": q.question_id, "prediction": llava_gqa_prediction(a)})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out), encoding="utf-8")
+        return path
