@@ -38,7 +38,14 @@ import numpy as np
 from checkpoints_convert import original as orig
 from checkpoints_convert.errors import ConvertError, DestinationExistsError, ParamMismatchError
 from checkpoints_convert.export import atomic_dir, check_params, export_hf, is_float_dtype, parse_dtype  # noqa: F401  (re-exported)
-from checkpoints_convert.keys import KeyMapping, canonical_to_normal, inverse_perm, map_hf_key, map_normal_key, permuted_shape
+from checkpoints_convert.keys import (
+    KeyMapping,
+    canonical_to_normal,
+    inverse_perm,
+    map_hf_key,
+    map_normal_key,
+    permuted_shape,
+)
 from checkpoints_convert.orbax_io import LazyArray, restore_params, save_params
 from checkpoints_convert.source import copy_support_files, open_tensors, resolve_source
 from jaxprune.config import ConfigError, LlavaConfig, load_config
