@@ -58,6 +58,10 @@ def _load() -> None:
         "fastervlm": lambda b, c: R.fastervlm(b),
         "visionzip": lambda b, c: R.visionzip.for_budget(b),
         "fastv": lambda b, c: R.fastv(layer=2, keep=b),
+        "adafv": lambda b, c: R.adafv(b),
+        "divprune": lambda b, c: R.divprune(b),
+        "random": lambda b, c: R.random_prune(b),
+        "uniform": lambda b, c: R.uniform(b),
     }
     optional = {
         "visiondrop_vision": ("visiondrop", lambda m, b, c: m.VisionDropVision.for_budget(b)),
