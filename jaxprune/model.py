@@ -21,6 +21,7 @@ from flax import nnx
 from jaxprune import generate as gen
 from jaxprune.config import LlavaConfig
 from jaxprune.inputs import Batch, prepare_batch
+from jaxprune.models import anyres as _anyres
 from jaxprune.models.llava import LlavaModule
 from jaxprune.models.param_spec import param_shapes
 
@@ -110,6 +111,10 @@ class Llava:
 
             return run_forward(self, input_ids, pixel_values, attention_mask, image_sizes, reducer, position_ids)
         b = self.prepare(input_ids, pixel_values, attention_mask, image_sizes, position_ids)
+        if b.anyres is not None:  # llava_next: static packing plan built on the host from image_sizes
+            logits = self._forward(self.params, b.input_ids, b.pixel_values, b.valid, b.positions,
+                                   anyres=b.anyres.device_arrays)
+            return LlavaOutput(logits=logits[:, : b.length])
         logits = self._forward(self.params, b.input_ids, b.pixel_values, b.valid, b.positions)
         return LlavaOutput(logits=logits[:, : b.length])
 
@@ -129,26 +134,35 @@ class Llava:
             return run_generate(self, input_ids, pixel_values, attention_mask, image_sizes, reducer,
                                 max_new_tokens, tuple(eos), int(pad))
         b = self.prepare(input_ids, pixel_values, attention_mask, image_sizes)
+        if b.anyres is not None:  # llava_next
+            state = self._prefill(self.params, b.input_ids, b.pixel_values, b.valid, b.positions,
+                                  max_new_tokens=max_new_tokens, anyres=b.anyres.device_arrays)
+            return self._decode(self.params, state, max_new_tokens=max_new_tokens, eos_ids=tuple(eos),
+                                pad_id=int(pad))
         state = self._prefill(self.params, b.input_ids, b.pixel_values, b.valid, b.positions,
                               max_new_tokens=max_new_tokens)
         return self._decode(self.params, state, max_new_tokens=max_new_tokens, eos_ids=tuple(eos), pad_id=int(pad))
 
 
-def _embed(m: LlavaModule, input_ids, pixel_values):
+def _embed(m: LlavaModule, input_ids, pixel_values, anyres_arrays=None):
+    """``anyres_arrays``: llava_next only, ``(gather_index [N, M], valid [N, M])`` from
+    :func:`jaxprune.models.anyres.build_layout`; ``pixel_values`` are then ``[N, crops, C, S, S]``."""
     if pixel_values is None:
         return m.embed_text(input_ids)
+    if anyres_arrays is not None:
+        return _anyres.embed(m, input_ids, pixel_values, *anyres_arrays)
     return m.merge(input_ids, m.image_features(pixel_values))
 
 
-def _forward_fn(graphdef, params, input_ids, pixel_values, valid, positions):
+def _forward_fn(graphdef, params, input_ids, pixel_values, valid, positions, anyres=None):
     m = nnx.merge(graphdef, params)
-    return gen.full_logits(m, _embed(m, input_ids, pixel_values), positions, valid)
+    return gen.full_logits(m, _embed(m, input_ids, pixel_values, anyres), positions, valid)
 
 
-def _prefill_fn(graphdef, params, input_ids, pixel_values, valid, positions, *, max_new_tokens):
+def _prefill_fn(graphdef, params, input_ids, pixel_values, valid, positions, *, max_new_tokens, anyres=None):
     """Jitted prefill: first-token logits plus the decode state (caches sized ``T + max_new_tokens``)."""
     m = nnx.merge(graphdef, params)
-    return gen.prefill(m, _embed(m, input_ids, pixel_values), positions, valid, max_new_tokens)
+    return gen.prefill(m, _embed(m, input_ids, pixel_values, anyres), positions, valid, max_new_tokens)
 
 
 def _decode_fn(graphdef, params, state, *, max_new_tokens, eos_ids, pad_id):
