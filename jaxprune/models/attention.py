@@ -76,6 +76,7 @@ def _attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
 def attention_rows(q_rows: jax.Array, k: jax.Array, key_valid: jax.Array) -> jax.Array:
     """Softmax attention probabilities of a few query rows: ``q_rows [B,R,N,H]``, ``k [B,S,K,H]``.
 
+    ``key_valid`` is ``[B, S]`` (same keys for every row) or ``[B, R, S]`` (per row, e.g. causal).
     Returns ``[B, N, R, S]`` fp32, exact (softmax over the full valid key row), O(R*S) work.
     """
     B, R, N, H = q_rows.shape
@@ -83,7 +84,8 @@ def attention_rows(q_rows: jax.Array, k: jax.Array, key_valid: jax.Array) -> jax
     qg = q_rows.reshape(B, R, K, N // K, H).astype(jnp.float32)
     logits = jnp.einsum("brkgh,bskh->bkgrs", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(H))
     logits = logits.reshape(B, N, R, -1)
-    logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
+    kv = key_valid[:, None, None, :] if key_valid.ndim == 2 else key_valid[:, None, :, :]
+    logits = jnp.where(kv, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     e = jnp.exp(logits - m)

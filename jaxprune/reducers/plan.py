@@ -87,19 +87,22 @@ def _cls_attn(q, k, valid):  # q/k [N, S, heads, hd] -> [N, heads, S]
 
 def _text_to_image(m: LlavaModule, h, positions, valid, is_img, layers: int, query_rows: int, n_img: int,
                    per_image: int):
-    """Query-aware attention of the prompt's last ``query_rows`` text tokens to each image token,
-    at decoder layer ``layers - 1`` of a shallow prefill on the full sequence. Returns ``[N, P]``."""
+    """Query-aware attention of the prompt's text tokens to each image token at decoder layer
+    ``layers - 1`` of a shallow prefill on the full sequence: the query rows are the valid non-image
+    tokens among each row's last ``query_rows`` positions, each attending causally; the result is the
+    mean over heads and query rows. Returns ``[N, P]``."""
     h, _ = gen.decoder_prefill(m, h, positions, valid, range(layers - 1), 0)
     layer = m.language.layers[layers - 1]
     cos, sin = m.language.rope(positions)
     q, k, _ = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
     B, T = valid.shape
     last = gen.last_valid_index(valid)
-    rows = jnp.clip(last[:, None] - jnp.arange(query_rows)[None, ::-1], 0, T - 1)  # [B, R]
-    rvalid = jnp.take_along_axis(valid & ~is_img, rows, axis=1)
+    raw = last[:, None] - jnp.arange(query_rows)[None, ::-1]  # [B, R] may run below 0 on short rows
+    rows = jnp.clip(raw, 0, T - 1)
+    rvalid = jnp.take_along_axis(valid & ~is_img, rows, axis=1) & (raw >= 0)
     qr = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)  # [B, R, N, hd]
-    # causal: each query row sees keys up to itself
-    p = attention_rows(qr, k, valid)  # [B, heads, R, T] (keys after a row are images-before-text: fine)
+    causal = valid[:, None, :] & (jnp.arange(T)[None, None, :] <= rows[:, :, None])  # [B, R, T]
+    p = attention_rows(qr, k, causal)  # [B, heads, R, T]
     p = jnp.where(rvalid[:, None, :, None], p, 0.0).sum(axis=(1, 2)) / jnp.maximum(
         rvalid.sum(1)[:, None] * p.shape[1], 1)  # [B, T]
     flat_img = is_img.reshape(-1)
@@ -244,6 +247,11 @@ def _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reduce
         raise InputError(f"image tokens per row {counts.tolist()}: reducers need {ipr} image(s) of "
                          f"{model.cfg.tokens_per_image} tokens in every row")
     k = visual_budget(model.cfg, reducers)
+    L = model.cfg.text.num_hidden_layers
+    for r in reducers:
+        n = getattr(r, "shallow_layers", 0) or 0
+        if n > L:
+            raise BudgetError(f"{type(r).__name__}.shallow_layers={n} exceeds the decoder's {L} layers")
     check_llm_reducers(model.cfg, reducers, b, ipr, k)
     return b, reducers, ipr, k
 

@@ -59,6 +59,8 @@ def _load() -> None:
         "visionzip": lambda b, c: R.visionzip.for_budget(b),
         "fastv": lambda b, c: R.fastv(layer=2, keep=b),
         "adafv": lambda b, c: R.adafv(b),
+        "consensusdrop": lambda b, c: R.consensusdrop(b),
+        "consensusdrop_proxy": lambda b, c: R.consensusdrop(b, source="proxy"),
         "divprune": lambda b, c: R.divprune(b),
         "random": lambda b, c: R.random_prune(b),
         "uniform": lambda b, c: R.uniform(b),
