@@ -12,8 +12,10 @@ from jaxprune.reducers._core import (complement_indices, cosine_similarity, gath
                                      uniform_indices)
 from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext
 from jaxprune.reducers.adafv import AdaFV, adafv
+from jaxprune.reducers.adsc import ADSCCut, adsc, adsc_plan, adsc_schedule
 from jaxprune.reducers.consensusdrop import ConsensusDrop, consensusdrop
 from jaxprune.reducers.controls import Pool, RandomPrune, Uniform, pool, pool2x2, random_prune, uniform
+from jaxprune.reducers.dart import DART, dart
 from jaxprune.reducers.divprune import DivPrune, divprune
 from jaxprune.reducers.fastervlm import FasterVLM, fastervlm
 from jaxprune.reducers.fastv import FastV, fastv
@@ -21,7 +23,7 @@ from jaxprune.reducers.plan import Compose, compose
 from jaxprune.reducers.visiondrop import VisionDropVision, visiondrop_vision
 from jaxprune.reducers.visionzip import VisionZip, visionzip
 
-__all__ = ["ConsensusDrop", "consensusdrop", "AdaFV", "adafv", "DivPrune", "divprune", "Pool", "RandomPrune", "Uniform", "pool", "pool2x2",
+__all__ = ["ADSCCut", "adsc", "adsc_plan", "adsc_schedule", "DART", "dart", "ConsensusDrop", "consensusdrop", "AdaFV", "adafv", "DivPrune", "divprune", "Pool", "RandomPrune", "Uniform", "pool", "pool2x2",
            "random_prune", "uniform", "BudgetError", "Compose", "FasterVLM", "FastV", "ProjectorContext", "Reduced", "VisionContext",
            "VisionDropVision", "VisionZip", "compose", "fastervlm", "fastv", "visiondrop_vision", "visionzip",
            "select_topk", "gather", "merge_into", "cosine_similarity", "complement_indices", "uniform_indices"]

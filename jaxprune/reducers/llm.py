@@ -156,8 +156,9 @@ def _cut(m: LlavaModule, r, h, valid, positions, vis_idx, vis_valid, qk):
     new_vis_idx = _visual_slots(vis2, V2)  # remaining visual slots, sequence order
     h2 = h2.at[rows, new_vis_idx].set(red.tokens.astype(h2.dtype))
     valid2 = valid2.at[rows, new_vis_idx].set(red.valid)
-    if r.positions == "keep":  # token j takes the original position of the j-th remaining visual slot
-        pass
+    if r.positions == "keep":  # token j keeps the original position of the pool entry it came from
+        src = jnp.take_along_axis(vis_idx, red.slots, axis=1)  # [B, V'] old sequence slots
+        pos2 = pos2.at[rows, new_vis_idx].set(jnp.take_along_axis(positions, src, axis=1))
     elif r.positions == "renumber":
         pos2 = gen.default_positions(valid2)
     else:
@@ -171,7 +172,8 @@ def _segments(m: LlavaModule, llm_reducers: list, h, positions, valid, is_visual
 
     ``capacity_extra``: None = no caches (forward); else caches of ``T_s + capacity_extra`` per segment.
     ``mask_only``: keep the full sequence and mask dropped tokens out of attention instead of gathering
-    (reference semantics for the gather == mask test; only for 'keep'-position, selection reducers).
+    (reference semantics for the gather == mask test; only for a single cut of a 'keep'-position
+    selection reducer: later cuts would still see the uncut visual pool).
     """
     L = len(m.language.layers)
     vis_idx = _visual_slots(is_visual, n_visual)

@@ -2,7 +2,7 @@
 
 Paper: "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy
 Reduction" (arXiv 2410.17247, CVPR'25).
-Code: Cooperx521/PyramidDrop @ 6444f30, ``llava/model/modeling_llama_pdrop.py``
+Code: Cooperx521/PyramidDrop @ 6444f304aee4b7edcb022839fb9e8cd07859704a, ``llava/model/modeling_llama_pdrop.py``
 (``LlamaModel.pdrop_forward``: the rank/drop hook and the decode-time position shift;
 ``LlamaModel.pdrop_rank_drop``: the selection), ``llava/model/llava_arch.py`` (``image_token_posi``,
 ``prompt_len``, ``image_tokens``) and ``llava/eval/model_vqa_loader.py`` (``image_token_ratio_list``
@@ -53,7 +53,8 @@ layers) that gives
 Deviations from the official code:
   * The score row is computed from layer ``l``'s q/k recomputed by the machinery (``needs_next_qk``,
     the same RMSNorm + projections + RoPE) and :func:`~jaxprune.models.attention.attention_rows`; the
-    official code does the same one-row matmul. Scores stay float32 (the official code casts the softmax
+    official code does the same one-row matmul. Grouped-query attention (the official Llama-7B has none):
+    query head ``n`` uses key head ``n // (N / Kv)``, as HF ``repeat_kv``. Scores stay float32 (the official code casts the softmax
     back to fp16 before averaging and ranking, which creates ties), ties go to the lower index.
   * Batches: any padding side (the official code is right padding only), each row's last valid token is
     the query; rows may hold several images: all visual tokens of the row form one pool (the official

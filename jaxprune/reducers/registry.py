@@ -63,6 +63,10 @@ def _load() -> None:
         "consensusdrop_proxy": lambda b, c: R.consensusdrop(b, source="proxy"),
         "divprune": lambda b, c: R.divprune(b),
         "random": lambda b, c: R.random_prune(b),
+        "dart": lambda b, c: R.dart(layer=2, keep=b),
+        "adsc": lambda b, c: R.adsc_schedule(b, num_layers=c.text.num_hidden_layers, total=c.tokens_per_image),
+        "adsc_grid": lambda b, c: R.adsc_schedule(b, num_layers=c.text.num_hidden_layers, total=c.tokens_per_image,
+                                                  mode="grid"),
         "uniform": lambda b, c: R.uniform(b),
     }
     optional = {

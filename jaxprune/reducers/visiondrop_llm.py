@@ -56,6 +56,8 @@ Deviations from the official code:
   * Scores and merges are float32 (the official code casts the softmax to fp16 before averaging, which
     creates ties); score ties go to the lower index (``torch.topk`` has no defined order); cosine uses key
     norms clamped at 1e-6 (a zero key gives similarity 0 instead of NaN).
+  * Grouped-query attention (the official Llama-7B has none): query head ``n`` uses key head
+    ``n // (N / Kv)`` (HF ``repeat_kv``); ``metric`` averages the ``Kv`` key heads (``key_states.mean(0)``).
   * The image queries' scores are materialised for the ``N`` image rows only (``O(N * T)`` per head), not
     through an eager ``output_attentions`` pass; the same numbers.
   * Batches: any padding side (the official code is right padding only); several images in a row form one
