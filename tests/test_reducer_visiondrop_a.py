@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxprune.reducers import BudgetError
-from jaxprune.reducers.visiondrop import VisionDropVision, visiondrop_vision
+from jaxprune.reducers.visiondrop_vision import VisionDropVision, visiondrop_vision
 from tests.reducer_testlib import (E2E_BUDGETS, assert_batched_equals_rows, assert_no_callbacks, assert_one_trace,
                                    check_end_to_end, e2e_model, make_batch, random_vision_context)
 

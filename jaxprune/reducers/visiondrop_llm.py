@@ -7,7 +7,7 @@ arXiv 2506.22283). Code: Ruixxxx/VisionDrop @ f7a944497d581aa79570f8f79e8ca91b53
 decode-time position shift; ``LlamaModel.visiondrop_rank_drop``: the selection and merge), wired by
 ``llava/eval_visiondrop/model_vqa_loader.py`` (``image_token_ratio_list = [[D+C, 0]] + image_token_list``)
 and ``scripts/v1_5/visiondrop_eval/*.sh`` (the only released setting). Stage A (inside CLIP) is
-:class:`jaxprune.reducers.visiondrop.VisionDropVision`; :func:`visiondrop` composes both.
+:class:`jaxprune.reducers.visiondrop_vision.VisionDropVision`; :func:`visiondrop` composes both.
 
 Algorithm, after decoder layer ``l`` in ``layer_list`` (stage ``s``), on the current hidden states ``H``,
 with ``N`` image tokens present and ``[d_s, c_s]`` = ``image_token_list[s]``:
@@ -83,7 +83,7 @@ from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
 from jaxprune.reducers.plan import Compose, compose
 from jaxprune.reducers.pyramiddrop import _check_layers, average_visual_tokens, scale_layers
-from jaxprune.reducers.visiondrop import VisionDropVision  # stage A
+from jaxprune.reducers.visiondrop_vision import VisionDropVision  # stage A
 
 __all__ = ["RELEASED", "VisionDropCut", "schedule_for", "visiondrop", "visiondrop_llm", "visiondrop_released",
            "visiondrop_schedule"]
