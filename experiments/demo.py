@@ -5,6 +5,10 @@ it with ``checkpoints_convert`` and loads it back with ``jp.load`` (the real loa
 procedurally drawn images through the LLaVA 'pad' preprocessing, then runs the full model and
 each available reducer at a few budgets, printing sequence length, prefill time, decode speed,
 KV-cache bytes and agreement of greedy tokens with the full model.
+
+Also the pieces the evaluation harness' built-in default run uses (``experiments.eval.builtin``): a tiny
+word-level tokenizer matching ``DEMO_CFG`` (:func:`demo_tokenizer`, :func:`save_demo_tokenizer`) and
+:func:`write_demo_checkpoint` (random weights -> HF checkpoint with that tokenizer -> converted directory).
 """
 
 from __future__ import annotations
@@ -52,6 +56,68 @@ def demo_model(workdir: Path) -> jp.Llava:
     export_hf(DEMO_CFG, src.flat_params(), workdir / "hf", layout="legacy")
     convert(workdir / "hf", workdir / "converted")
     return jp.load(workdir / "converted")
+
+
+# ---- tiny tokenizer -------------------------------------------------------------------------------
+#: Words the demo tokenizer knows (lower-cased): the vicuna_v1 system prompt, the short-answer suffix and the
+#: built-in shape benchmark (``experiments.eval.builtin``); anything else maps to ``<unk>``.
+DEMO_WORDS: tuple[str, ...] = tuple(dict.fromkeys((
+    "a chat between curious user and an artificial intelligence assistant . the gives helpful , detailed polite "
+    "answers to ' s questions : answer question using single word or phrase with option letter from given choices "
+    "directly is there in image this what how many of color shape square circle red green blue yellow white black "
+    "orange purple yes no"
+).split()))
+
+
+def demo_tokenizer():
+    """A word-level ``tokenizers.Tokenizer`` matching ``DEMO_CFG``: ids 0-2 = ``<unk>`` ``<s>`` ``</s>`` (LLaMA's),
+    :data:`DEMO_WORDS`, fillers ``w{i}`` up to the vocabulary, ``<image>`` = ``DEMO_CFG.image_token_index``.
+
+    Lower-cases, splits on whitespace and punctuation, prepends ``<s>`` (as LLaMA's tokenizer does); ``<image>`` is
+    an added special token, so an HF-style expanded ``<image><image>...`` splits into one id per copy."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in DEMO_WORDS:
+        vocab.setdefault(w, len(vocab))
+    img = DEMO_CFG.image_token_index
+    for i in range(len(vocab), DEMO_CFG.text.vocab_size):
+        if i != img:
+            vocab[f"w{i}"] = i
+    vocab["<image>"] = img
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<image>"])
+    return tok
+
+
+def save_demo_tokenizer(dst: str | Path) -> Path:
+    """Write the demo tokenizer as ``tokenizer.json`` + ``tokenizer_config.json`` (loadable with
+    ``AutoTokenizer`` / ``PreTrainedTokenizerFast``; pad = ``<unk>`` = id 0 = ``DEMO_CFG.text.pad_token_id``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=demo_tokenizer(), bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<unk>")
+    fast.save_pretrained(dst)
+    return dst
+
+
+def write_demo_checkpoint(dst: str | Path, seed: int = 0) -> Path:
+    """The demo model as a converted jaxprune directory with its tokenizer: random weights -> HF safetensors (+
+    tokenizer files) -> ``checkpoints_convert.convert`` -> ``dst`` (which must not exist)."""
+    from checkpoints_convert import convert, export_hf
+
+    dst = Path(dst)
+    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as d:
+        tok = save_demo_tokenizer(Path(d) / "tokenizer")
+        src = jp.Llava.random(DEMO_CFG, seed=seed)
+        export_hf(DEMO_CFG, src.flat_params(), Path(d) / "hf", layout="legacy", support_dir=tok)
+        convert(Path(d) / "hf", dst)
+    return dst
 
 
 def reducers_to_try(P: int) -> list[tuple[str, object]]:

@@ -1,0 +1,138 @@
+"""What each reducer keeps: its kept visual tokens drawn over the image the model saw (one PNG grid per reducer).
+
+For each reducer name: rows = budgets (largest first), columns = sample images.  Each panel shows the
+preprocessed image (after LLaVA's pad-to-square and resize, de-normalised), patches whose token did not reach the
+LLM darkened, kept patches outlined.  The kept source patch indices come from the reducer plan's pre-LLM stage
+(``LlavaOutput.kept`` semantics: ``[N_img, k]``, -1 = empty slot / CLS).  For in-LLM reducers (FastV & co.) the
+selection happens inside the decoder and depends on the layer's attention: the panel then shows the tokens
+entering the LLM and says so in its title.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.benchmarks import Question
+
+from .batching import Batch, build_rows, make_items
+from .config import ReducerSpec
+
+
+def _pre_llm_kept(graphdef, params, ids, px, valid, *, reducers):
+    from flax import nnx
+
+    from jaxprune.reducers.plan import pre_llm
+
+    out = pre_llm(nnx.merge(graphdef, params), reducers, ids, px, valid, 1)
+    return out[3], out[4]
+
+
+def kept_tokens(model: Any, reducer: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
+                pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kept [N, k] source patch indices, kept_valid [N, k]) after the vision/projector stages.
+
+    Runs only those stages (cheap to compile); falls back to the public forward's ``out.kept``."""
+    import jax
+
+    try:
+        from jaxprune.reducers.plan import _prepare, as_tuple
+
+        b = _prepare(model, input_ids, pixel_values, attention_mask, None, reducer)[0]
+        cache = model.__dict__.setdefault("_eval_kept_jit", {})
+        if "fn" not in cache:
+            cache["fn"] = jax.jit(functools.partial(_pre_llm_kept, model.graphdef), static_argnames=("reducers",))
+        kept, valid = cache["fn"](model.params, b.input_ids, b.pixel_values, b.valid, reducers=as_tuple(reducer))
+    except (ImportError, AttributeError, TypeError):
+        out = model(input_ids, pixel_values, attention_mask=attention_mask, reducer=reducer)
+        kept, valid = out.kept, out.kept_valid
+    kept = np.asarray(kept)
+    return kept, (np.asarray(valid) if valid is not None else kept >= 0)
+
+
+def _denormalise(px: np.ndarray, img_cfg: Any) -> np.ndarray:
+    mean = np.asarray(img_cfg.mean, np.float32)[:, None, None]
+    std = np.asarray(img_cfg.std, np.float32)[:, None, None]
+    return np.clip((px * std + mean).transpose(1, 2, 0), 0.0, 1.0)
+
+
+def _in_llm(reducer: Any) -> str | None:
+    from jaxprune.reducers.plan import as_tuple
+
+    cuts = [r for r in as_tuple(reducer) if r.stage == "llm"]
+    return ", ".join(f"layer {r.layer}" for r in cuts) if cuts else None
+
+
+def draw_overlays(ctx: Any, specs: Sequence[ReducerSpec], samples: Sequence[Question], out_dir: str | Path
+                  ) -> list[Path]:
+    """One PNG per reducer name in ``specs`` (``out_dir/<name>.png``); returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from .runner import make_reducer
+
+    model, cfg = ctx.model, ctx.model.cfg
+    P, grid, S = cfg.tokens_per_image, cfg.vision.grid, cfg.vision.image_size
+    items = [it for it in make_items(list(samples), ctx.tokenizer, P) if it.n_images]
+    if not items:
+        return []
+    batch = Batch(tuple(items), len(items), max(it.length for it in items), 1)
+    rows = build_rows(batch, range(len(items)), ctx.tokenizer, cfg.image_token_index, P, ctx.img_cfg, S)
+    ok = [j for j in range(len(items)) if rows.ok[j]]
+    if not ok:
+        return []
+    by_name: dict[str, list[ReducerSpec]] = {}
+    for s in specs:
+        if not s.is_full:
+            by_name.setdefault(s.name, []).append(s)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    cell = S / grid
+    for name, group in by_name.items():
+        group = sorted(group, key=lambda s: -s.budget)
+        fig, axes = plt.subplots(len(group), len(ok), figsize=(2.6 * len(ok), 2.8 * len(group)), squeeze=False)
+        for i, spec in enumerate(group):
+            try:
+                reducer = make_reducer(spec, cfg)
+                kept, valid = kept_tokens(model, reducer, rows.input_ids[ok], rows.attention_mask[ok],
+                                          rows.pixel_values[ok])
+                note = _in_llm(reducer)
+            except Exception as e:  # noqa: BLE001 - one bad budget must not lose the other panels
+                kept, valid, note = None, None, f"failed: {e}"
+            for j, r in enumerate(ok):
+                ax = axes[i][j]
+                ax.imshow(_denormalise(rows.pixel_values[r], ctx.img_cfg), extent=(0, S, S, 0))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if kept is None:
+                    ax.set_title(f"{spec.label}\n{note[:60]}", fontsize=7)
+                    continue
+                idx = sorted({int(k) for k, v in zip(kept[j], valid[j]) if v and 0 <= k < grid * grid})
+                shade = np.full((grid, grid, 4), (0.0, 0.0, 0.0, 0.68), np.float32)
+                for k in idx:
+                    shade[k // grid, k % grid, 3] = 0.0
+                    ax.add_patch(Rectangle(((k % grid) * cell, (k // grid) * cell), cell, cell, fill=False,
+                                           edgecolor=(1.0, 0.85, 0.1), linewidth=0.6))
+                ax.imshow(shade, extent=(0, S, S, 0), interpolation="nearest")
+                n_tok = int(np.asarray(valid[j]).sum())
+                title = f"{spec.label}: {n_tok} tokens" + (f", {len(idx)} patches" if len(idx) != n_tok else "")
+                if note:
+                    title += f"\n(cut inside the LLM at {note}; LLM input shown)"
+                if i == 0:
+                    title = f"{items[r].question.key}\n" + title
+                ax.set_title(title, fontsize=7)
+        fig.suptitle(f"{name}: visual tokens kept (bright, outlined) per budget", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
