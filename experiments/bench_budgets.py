@@ -1,0 +1,223 @@
+"""Prefill time, decode ms/token, KV bytes and analytic FLOPs at 576 / 192 / 128 / 64 visual tokens.
+
+Rows: the full model (576 tokens) and every registered reducer (:func:`jaxprune.reducers.registry.names`,
+pre-LLM and in-LLM) at each budget, on :func:`bench_common.bench_config` with the ``bench_forward``
+prompt (35-token prefix, one image, 40-token question), fp32:
+
+* prefill ms = jitted prefill to the first token's logits (TTFT, vision tower included; with a reducer
+  ``plan._prefill_reduced`` as ``Llava.generate`` runs it);
+* decode ms/token = (generate(N+1) - generate(1)) / N with EOS disabled, where generate(n) = that prefill
+  (KV caches sized for N+1 new tokens) + ``Llava._decode`` of n tokens; unlike ``bench_forward`` both
+  runs share one prefill program, so the prefill cancels exactly and each row compiles one prefill;
+* KV bytes = ``DecodeState.kv_bytes`` of the real prefill, asserted equal to
+  :func:`jaxprune.flops.kv_cache_bytes` (a mismatch fails the run after the results are written);
+* FLOPs = :func:`jaxprune.flops.prefill_cost` ``.total`` (vision + projector + LLM with SwiGLU and GQA,
+  LM head on the last token) at the sequence length the model really runs (the prompt padded to the
+  model's 32-token bucket), plus, for reducers with ``shallow_layers > 0`` (ConsensusDrop
+  source="shallow"), the shallow prefill on the full sequence, which ``prefill_cost`` does not count;
+  the FastV-formula LLM count (``llm_fastv_formula``) is listed too, labelled;
+* average visual tokens over the decoder layers (``PrefillCost.average_visual_tokens``);
+* realized speedup = t_full / t, FLOPs speedup = FLOPs_full / FLOPs, ratio = realized / FLOPs speedup,
+  pass when ratio >= 0.85.
+
+    python -m experiments.bench_budgets [--budgets 192 128 64] [--batch 1] [--repeats 5] [--out STEM|PATH]
+
+Writes ``experiments/results/budgets_cpu.md``, ``.json`` and ``.png`` (prefill ms vs average visual
+tokens; with ``--out X`` the three files are ``X.md``, ``X.json``, ``X.png``). ``--out`` takes a stem
+(under ``experiments/results``) or a path; ``--tiny`` writes nothing unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+
+import jax
+
+from experiments import bench_reducers as br
+from experiments.bench_common import bench_config, git_rev, jax_device, machine, md_table, timeit
+from experiments.bench_forward import PREFIX, QUESTION, make_inputs
+from jaxprune import flops
+from jaxprune.reducers import plan, registry
+
+TARGET_RATIO = 0.85
+
+
+def shallow_flops(cfg, spec, seq: int, batch: int) -> float:
+    """FLOPs of the shallow prefill(s) ``plan.pre_llm`` runs for projector reducers with ``shallow_layers``:
+    ``K-1`` full decoder layers on the ``seq``-token sequence, then layer K-1's norm + q/k/v projections and
+    the score rows of its ``query_rows`` last tokens (``plan._text_to_image``)."""
+    c = cfg.text
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    total = 0.0
+    for r in plan.as_tuple(spec):
+        k = getattr(r, "shallow_layers", 0) if r.stage == "projector" else 0
+        if k:
+            rows = getattr(r, "query_rows", 32)
+            total += ((k - 1) * flops._llm_layer(cfg, seq) + 2 * seq * c.hidden_size * (q + 2 * kv)
+                      + 2 * rows * seq * q)
+    return batch * total
+
+
+def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int) -> dict:
+    cfg = model.cfg
+    run, meta = br.prefill_runner(model, spec, ids, mask, px)
+    b, ipr = meta["batch"], meta["imgs_per_row"]
+    B, T = b.input_ids.shape
+    n = new_tokens + 1
+
+    def generate(k):
+        def f():
+            st = run(n)
+            jax.block_until_ready(model._decode(model.params, st, max_new_tokens=k, eos_ids=(), pad_id=0))
+        return f
+
+    t_pre = timeit(lambda: jax.block_until_ready(run(n).first_logits), repeats)
+    t1 = timeit(generate(1), repeats)
+    tn = timeit(generate(n), repeats)
+    state = run(n)
+    cost = flops.prefill_cost(cfg, spec, text_tokens=T - ipr * cfg.tokens_per_image, images=ipr, batch=B)
+    kv_analytic = flops.kv_cache_bytes(cfg, cost, batch=B, new_tokens=n, itemsize=model.dtype.itemsize)
+    extra = 0.0 if spec is None else shallow_flops(cfg, spec, T, B)
+    return {"stages": "" if spec is None else br.describe(spec), "seq": T,
+            "text_tokens": T - ipr * cfg.tokens_per_image,
+            "avg_visual_tokens": cost.average_visual_tokens, "segments": cost.segments,
+            "visual_tokens": cost.visual_tokens, "prefill_s": t_pre, "decode_s_per_tok": (tn - t1) / new_tokens,
+            "kv_bytes": int(state.kv_bytes), "kv_bytes_analytic": int(kv_analytic),
+            "kv_agree": int(state.kv_bytes) == int(kv_analytic), "flops_vision": cost.vision,
+            "flops_projector": cost.projector, "flops_llm": cost.llm_swiglu, "flops_shallow": extra,
+            "flops_total": cost.total + extra, "flops_llm_fastv_formula": cost.llm_fastv_formula}
+
+
+def plot(rows: list[dict], full: dict, path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.axhline(full["prefill_s"] * 1e3, color="k", ls="--", lw=1, label=f"full model ({full['budget']} tokens)")
+    ax.plot([full["avg_visual_tokens"]], [full["prefill_s"] * 1e3], "k*", ms=10)
+    markers = "os^vD<>pPhX*d"
+    names = list(dict.fromkeys(r["reducer"] for r in rows if "error" not in r))
+    for i, name in enumerate(names):
+        pts = sorted((r["avg_visual_tokens"], r["prefill_s"] * 1e3) for r in rows
+                     if r["reducer"] == name and "error" not in r)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], ls="-", lw=0.8,
+                color=plt.cm.tab20(i % 20), label=name)
+    ax.set_xlabel("average visual tokens over the decoder layers")
+    ax.set_ylabel("prefill ms (TTFT, vision included)")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64],
+                    help="visual-token budgets as quoted for LLaVA-1.5 (576 tokens); --tiny scales them")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5; 1 with --tiny)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="N for the decode rate (default 32; 2 with --tiny)")
+    ap.add_argument("--reducers", nargs="+", default=None, help="subset of registered names (default: all)")
+    ap.add_argument("--tiny", action="store_true", help="tiny config (smoke test)")
+    ap.add_argument("--out", default=None, help="results stem or path (default budgets_cpu; none with --tiny)")
+    a = ap.parse_args(argv)
+    cfg = br.tiny_config() if a.tiny else bench_config()
+    repeats = a.repeats or (1 if a.tiny else 5)
+    new_tokens = a.new_tokens or (2 if a.tiny else 32)
+    budgets = br.scale_budgets(cfg, a.budgets)
+    names = a.reducers or registry.names()
+    model = br.load_model(cfg)
+    ids, mask, px = make_inputs(cfg, a.batch)
+    full = {"reducer": "full", "budget": cfg.tokens_per_image,
+            **bench_row(model, None, ids, mask, px, new_tokens, repeats)}
+    data = {"machine": machine(), "device": jax_device(), "git": git_rev(), "command": br.command(
+        "experiments.bench_budgets", argv), "config": cfg.to_hf_dict(), "batch": a.batch, "prefix": PREFIX,
+        "question": QUESTION, "repeats": repeats, "new_tokens": new_tokens, "budgets": budgets,
+        "target_ratio": TARGET_RATIO, "full": full, "rows": []}
+
+    def fmt(r: dict) -> list:
+        mib = r["kv_bytes"] / 2 ** 20
+        kv = f"{mib:.3f}" + ("" if r["kv_agree"] else f" (analytic {r['kv_bytes_analytic'] / 2 ** 20:.3f}!)")
+        cells = [r["reducer"], r["budget"], r["stages"] or "-", f"{r['avg_visual_tokens']:.1f}",
+                 f"{r['prefill_s'] * 1e3:.2f}", f"{r['decode_s_per_tok'] * 1e3:.3f}", kv,
+                 "yes" if r["kv_agree"] else "NO", f"{r['flops_total'] / 1e9:.3f}",
+                 f"{r['flops_llm_fastv_formula'] / 1e9:.3f}"]
+        if r is full:
+            return cells + ["1.00", "1.00", "", ""]
+        return cells + [f"{r['speedup']:.2f}", f"{r['flops_speedup']:.2f}", f"{r['ratio']:.2f}",
+                        "pass" if r["pass"] else "FAIL"]
+
+    table = [fmt(full)]
+    print(table[-1], flush=True)
+    for name in names:
+        for budget in budgets:
+            row = {"reducer": name, "budget": budget}
+            try:
+                spec = registry.make(name, budget, cfg)
+                row["spec"] = repr(spec)
+                row.update(bench_row(model, spec, ids, mask, px, new_tokens, repeats))
+                row["speedup"] = full["prefill_s"] / row["prefill_s"]
+                row["flops_speedup"] = full["flops_total"] / row["flops_total"]
+                row["ratio"] = row["speedup"] / row["flops_speedup"]
+                row["pass"] = row["ratio"] >= TARGET_RATIO
+                table.append(fmt(row))
+            except Exception as e:  # noqa: BLE001 - a reducer that cannot run at this budget is reported, not fatal
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+                table.append([name, budget] + [""] * 11 + ["error: " + row["error"].replace("|", "/")])
+            data["rows"].append(row)
+            print(table[-1], flush=True)
+    mismatched = [f"{r['reducer']}@{r['budget']}" for r in [full, *data["rows"]]
+                  if "error" not in r and not r["kv_agree"]]
+    data["kv_mismatch"] = mismatched
+    md = "\n".join([
+        "# Prefill / decode / KV / FLOPs vs visual-token budget" + (" (tiny smoke config)" if a.tiny else
+                                                                     " (CPU, fp32)"), "",
+        f"- machine: {data['machine']}", f"- jax device: {data['device']}", f"- git: {data['git']}",
+        f"- command: `{data['command']}`",
+        "- config: " + ("tiny (see json)" if a.tiny else "CLIP 6x256 (336 px, patch 14 -> 576 tokens), Llama 8x512 "
+                        "(inter 1376, vocab 32064)") + f"; batch {a.batch}, {PREFIX}-token prefix + image + "
+        f"{QUESTION}-token question, padded to {full['seq']} tokens (the model's 32-token bucket), random weights",
+        ("- prefill = jitted prefill to first-token logits (TTFT, vision tower included); decode = (generate("
+         f"{new_tokens + 1}) - generate(1)) / {new_tokens}, EOS disabled, both on the same prefill program; "
+         f"medians of {repeats}"),
+        (f"- KV = DecodeState.kv_bytes of the real prefill (caches for {new_tokens + 1} new tokens), checked equal "
+         "to flops.kv_cache_bytes (column 'KV = analytic')"),
+        (f"- GFLOPs = flops.prefill_cost(...).total at the {full['text_tokens']} text tokens the model runs "
+         "(vision + projector + LLM: SwiGLU, GQA, LM head on the last token) plus any shallow prefill "
+         "(ConsensusDrop source='shallow'); 'LLM GFLOPs (FastV formula)' = FastV's L(4nd^2 + 2n^2d + 2ndm), "
+         "LLM only, for comparison with papers"),
+        ("- avg visual = visual tokens averaged over the decoder layers (in-LLM cuts: budget = that average "
+         "for multi-cut methods, tokens after the cut for FastV-style ones; see jaxprune.reducers.registry)"),
+        "- realized = t_full / t; FLOPs speedup = GFLOPs_full / GFLOPs; ratio = realized / FLOPs speedup", "",
+        md_table(["reducer", "budget", "stages", "avg visual", "prefill ms", "decode ms/tok", "KV MiB",
+                  "KV = analytic", "GFLOPs", "LLM GFLOPs (FastV formula)", "realized speedup", "FLOPs speedup",
+                  "ratio", f">= {TARGET_RATIO}"], table),
+        "", f"Target: realized prefill speedup >= {TARGET_RATIO} x the analytic FLOPs speedup at each budget.",
+        "", "![prefill vs visual tokens]({png})", ""])
+    base = br.out_base(a.out, "budgets_cpu", a.tiny)
+    if base is not None:
+        png = br.with_suffix(base, ".png")
+        md = md.replace("{png}", png.name)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        plot(data["rows"], full, png, "prefill time vs visual tokens" + (" (tiny)" if a.tiny else
+                                                                          " (bench config, CPU fp32)"))
+        md_path, js_path = br.write_outputs(base, md, data)
+        data["files"] = {"md": str(md_path), "json": str(js_path), "png": str(png)}
+        print(f"wrote {md_path}, {png}")
+    else:
+        md = md.replace("![prefill vs visual tokens]({png})", "(no plot without --out)")
+    print(md)
+    if mismatched:
+        raise AssertionError(f"DecodeState.kv_bytes != flops.kv_cache_bytes for {mismatched}")
+    return data
+
+
+if __name__ == "__main__":
+    main()
