@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests check numerics and shapes, not speed: skipping most XLA optimisation passes halves compile time
+# (the suite is compile-bound). Set through the environment so subprocess tests inherit it.
+# Benchmarks (experiments/) never set it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import numpy as np
 import pytest
 
