@@ -55,10 +55,11 @@ def hf_model_from(model: Llava):
     cfg = dataclasses.replace(model.cfg)
     hf_cfg = HFConfig.from_dict(cfg.to_hf_dict())
     hf_cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(hf_cfg)
+    hf = LlavaForConditionalGeneration(hf_cfg)
     sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf_state_dict(cfg, model.flat_params(), layout="v5").items()}
-    hf.load_state_dict(sd, strict=False, assign=True)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise RuntimeError(f"weight transfer to transformers failed: missing {missing}, unexpected {unexpected}")
     return hf.eval().float()
 
 

@@ -176,8 +176,6 @@ def test_next_input_errors(next_pair):
         model(ids, pv, attention_mask=mask, image_sizes=sizes[:1])
     with pytest.raises(InputError, match=r"4-D pixel_values hold 5 crops but image_sizes imply 3"):
         model(ids, pv[0], attention_mask=mask, image_sizes=sizes[:1])
-    with pytest.raises(NotImplementedError, match="llava_next"):
-        model(ids, pv, attention_mask=mask, image_sizes=sizes, reducer=jp.reducers.fastv(layer=1, keep=8))
 
 
 @pytest.mark.parametrize("hw", [(336, 336), (480, 640), (640, 480), (300, 451), (451, 300), (1, 1000), (1000, 1),

@@ -22,6 +22,7 @@ from jaxprune.reducers.fastervlm import FasterVLM, fastervlm
 from jaxprune.reducers.fastv import FastV, fastv
 from jaxprune.reducers.llm import LLMContext, LLMReduced
 from jaxprune.reducers.plan import Compose, compose
+from jaxprune.reducers.plan_next import NextOptions, next_options
 from jaxprune.reducers.pyramiddrop import PyramidDropCut, pyramiddrop, pyramiddrop_for_average
 from jaxprune.reducers.visiondrop_llm import (VisionDropCut, visiondrop, visiondrop_llm, visiondrop_released,
                                               visiondrop_schedule)
@@ -30,7 +31,7 @@ from jaxprune.reducers.visionzip import VisionZip, visionzip
 
 __all__ = [
     "ADSCCut", "AdaFV", "BudgetError", "Compose", "ConsensusDrop", "DART", "DivPrune", "FastV", "FasterVLM",
-    "LLMContext", "LLMReduced", "Pool", "ProjectorContext", "PyramidDropCut", "RandomPrune", "Reduced", "Uniform",
+    "LLMContext", "LLMReduced", "NextOptions", "next_options", "Pool", "ProjectorContext", "PyramidDropCut", "RandomPrune", "Reduced", "Uniform",
     "VisionContext", "VisionDropCut", "VisionDropVision", "VisionZip", "adafv", "adsc", "adsc_plan",
     "adsc_schedule", "compose", "consensusdrop", "dart", "divprune", "fastervlm", "fastv", "pool", "pool2x2",
     "pyramiddrop", "pyramiddrop_for_average", "random_prune", "uniform", "visiondrop", "visiondrop_llm",

@@ -228,12 +228,16 @@ def _jitted(model, name: str, fn, static: tuple[str, ...]):
 
 
 def _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reducer):
+    from jaxprune.reducers.plan_next import NextOptions
+
+    if isinstance(reducer, NextOptions):
+        raise ValueError("next_options() applies to llava_next models; pass the bare reducer spec to a llava model")
     reducers = as_tuple(reducer)
     for r in reducers:
         if r.stage not in STAGE_ORDER:
             raise ValueError(f"unknown reducer stage {r.stage!r} of {type(r).__name__}")
-    if model.cfg.model_type != "llava":
-        raise NotImplementedError("reducers on llava_next inputs are not supported yet")
+    if model.cfg.model_type != "llava":  # llava_next goes through jaxprune.reducers.plan_next
+        raise NotImplementedError(f"reducers on {model.cfg.model_type} inputs go through plan_next")
     b = model.prepare(input_ids, pixel_values, attention_mask, image_sizes)
     if b.pixel_values is None:
         raise InputError("reducers act on visual tokens: pixel_values are required")
@@ -266,6 +270,10 @@ def run_forward(model, input_ids, pixel_values, attention_mask, image_sizes, red
 
     if position_ids is not None:
         raise InputError("position_ids cannot be combined with a reducer (pre-LLM reducers renumber positions)")
+    if model.cfg.model_type == "llava_next":
+        from jaxprune.reducers.plan_next import run_forward_next
+
+        return run_forward_next(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, mask_only)
     b, reducers, ipr, k = _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reducer)
     fn = _jitted(model, "forward", _forward_reduced, ("reducers", "imgs_per_row", "mask_only"))
     logits, valid_out, kept, kept_valid = fn(model.params, b.input_ids, b.pixel_values, b.valid,
@@ -277,6 +285,11 @@ def run_forward(model, input_ids, pixel_values, attention_mask, image_sizes, red
 
 
 def run_generate(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, max_new_tokens, eos, pad):
+    if model.cfg.model_type == "llava_next":
+        from jaxprune.reducers.plan_next import run_generate_next
+
+        return run_generate_next(model, input_ids, pixel_values, attention_mask, image_sizes, reducer,
+                                 max_new_tokens, eos, pad)
     b, reducers, ipr, k = _prepare(model, input_ids, pixel_values, attention_mask, image_sizes, reducer)
     fn = _jitted(model, "prefill", _prefill_reduced, ("reducers", "imgs_per_row", "max_new_tokens"))
     state = fn(model.params, b.input_ids, b.pixel_values, b.valid, reducers=reducers, imgs_per_row=ipr,
