@@ -73,7 +73,9 @@ class DivPrune(ReducerBase):
         # first pick: second smallest of each column over valid rows (nearest-neighbour distance)
         if p >= 2:
             col = jnp.where(rows_ok, dist, inf).swapaxes(1, 2)  # [N, P(j), P(i)]
-            q = -lax.top_k(-col, 2)[0][..., 1]  # [N, P]
+            # second smallest with multiplicity (= topk(2, largest=False)[1]) by two reductions (no sort)
+            first = jnp.argmin(col, axis=-1)  # [N, P]
+            q = jnp.min(jnp.where(jnp.arange(p)[None, None, :] == first[..., None], inf, col), axis=-1)
         else:
             q = jnp.full((n, p), inf)
 
