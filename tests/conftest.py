@@ -49,8 +49,14 @@ def build_hf_llava(name: str, seed: int = 0):
                      vision_feature_select_strategy=spec["vision_feature_select_strategy"],
                      tie_word_embeddings=tie)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(hc).eval()
-    with torch.no_grad():  # default init leaves norms at 1/0 and tiny logits: perturb for a meaningful test
+    return perturb_(LlavaForConditionalGeneration(hc).eval())
+
+
+def perturb_(model):
+    """Default init leaves norms at 1/0 and tiny logits: perturb every weight for a meaningful test."""
+    import torch
+
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n or "layrnorm" in n or n.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))

@@ -148,3 +148,9 @@ def check_end_to_end(reducer, budget: int, *, max_new_tokens: int = 4) -> None:
     assert kept.shape == (3, budget) and (kept < P).all()
     toks = np.asarray(m.generate(ids, px, attention_mask=mask, reducer=reducer, max_new_tokens=max_new_tokens))
     assert toks.shape == (3, max_new_tokens) and (toks >= 0).all() and (toks < 128).all()
+
+
+def forward_cache_size(m) -> int:
+    """Compiled entries of the model's reduced-forward jit (0 before its first use)."""
+    fn = m.__dict__.get("_reduced_jits", {}).get("forward")
+    return 0 if fn is None else fn._cache_size()

@@ -12,6 +12,7 @@ import jaxprune as jp
 from jaxprune.inputs import InputError
 from jaxprune.models.anyres import AnyresGeometry, build_layout
 from jaxprune.processing_anyres import AnyresProcessorConfig, preprocess_anyres_images
+from tests.conftest import perturb_
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -38,14 +39,7 @@ def _build_hf_next(seed: int = 0):
     cfg = LlavaNextConfig(text_config=tc, vision_config=vc, image_token_index=IMG_TOK, image_grid_pinpoints=PINS,
                           vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # as conftest.build_hf_llava: make logits meaningful
-        for n, p in model.named_parameters():
-            if "norm" in n or "layrnorm" in n or n.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif p.ndim >= 1:
-                p.copy_(torch.randn_like(p) * 0.08)
-    return model
+    return perturb_(LlavaNextForConditionalGeneration(cfg).eval())
 
 
 @pytest.fixture(scope="module")

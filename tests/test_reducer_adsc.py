@@ -13,7 +13,7 @@ from jaxprune.reducers._core import uniform_indices
 from jaxprune.reducers.adsc import ADSCCut, adsc, adsc_plan, adsc_schedule, default_layers, grid_step, schedule_counts
 from jaxprune.reducers.llm import LLMContext
 from jaxprune.reducers.plan import run_forward
-from tests.reducer_testlib import assert_no_callbacks, e2e_model, make_batch
+from tests.reducer_testlib import assert_no_callbacks, e2e_model, forward_cache_size, make_batch
 
 V, H, T = 144, 8, 170
 
@@ -199,10 +199,7 @@ def test_spec_errors(call, match):
 
 
 # ---------------------------------------------------------------------------------------------------
-def _forward_cache_size(m) -> int:
-    """Compiled entries of the model's reduced-forward jit (0 before its first use)."""
-    fn = m.__dict__.get("_reduced_jits", {}).get("forward")
-    return 0 if fn is None else fn._cache_size()
+_forward_cache_size = forward_cache_size
 
 
 def test_end_to_end_one_compile_per_budget():

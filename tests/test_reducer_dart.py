@@ -15,7 +15,7 @@ from jaxprune.reducers import BudgetError, compose
 from jaxprune.reducers.dart import DART, cpython_set_order, dart
 from jaxprune.reducers.llm import LLMContext
 from jaxprune.reducers.plan import run_forward
-from tests.reducer_testlib import assert_no_callbacks, e2e_model, make_batch
+from tests.reducer_testlib import assert_no_callbacks, e2e_model, forward_cache_size, make_batch
 
 V, H, KV, HD, T = 64, 16, 2, 4, 136  # visual pool, hidden, kv heads, head dim, sequence
 
@@ -174,10 +174,7 @@ def test_counts_follow_official_rule():
 
 
 # ---------------------------------------------------------------------------------------------------
-def _forward_cache_size(m) -> int:
-    """Compiled entries of the model's reduced-forward jit (0 before its first use)."""
-    fn = m.__dict__.get("_reduced_jits", {}).get("forward")
-    return 0 if fn is None else fn._cache_size()
+_forward_cache_size = forward_cache_size
 
 
 def test_end_to_end_one_compile_per_budget():
