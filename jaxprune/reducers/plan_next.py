@@ -93,6 +93,7 @@ from jaxprune.models.anyres import AnyresGeometry
 from jaxprune.models.llava import LlavaModule
 from jaxprune.reducers.base import STAGE_ORDER, BudgetError, ProjectorContext, Reduced, VisionContext
 from jaxprune.reducers.llm import check_llm_reducers, prefill_llm, run_llm
+from jaxprune.reducers.plan import _clip_segment, _cls_attn, _jitted  # shared with the llava path
 
 NEWLINES = ("prune", "keep", "drop")
 CROP_SPLITS = ("real", "fixed")
@@ -400,20 +401,6 @@ def _finish(st: NextStatic, m, A, tok, key, valid, src, hit_src):
     return tok, valid, pool, jnp.where(valid, src, -1)
 
 
-def _clip_segment(m: LlavaModule, h, valid, start: int, stop: int):
-    mask = valid[:, None, None, :]
-    q = k = None
-    for i in range(start, stop):
-        h, q, k = m.vision.layers[i](h, mask)
-    return h, q, k
-
-
-def _cls_attn(q, k, valid):
-    from jaxprune.models.attention import attention_rows
-
-    return attention_rows(q[:, :1], k, valid)[:, :, 0, :]
-
-
 def _vision_chain(m, specs, h, sel_valid, te, tv, grid, L: int, prefix: dict):
     """Run the vision chain on crops ``h [NC, 1+P, Dv]`` (CLIP layers before the first cut shared via ``prefix``).
     Returns ``(features at the feature layer [NC, S', Dv], source index incl. CLS [NC, S'], valid)``."""
@@ -678,13 +665,6 @@ def prepare_next(model, input_ids, pixel_values, attention_mask, image_sizes, re
     tables = {k: jnp.asarray(v) for k, v in layout_tables(lay, st).items()}
     return NextBatch(ids=jnp.asarray(ids), valid=jnp.asarray(ok), pixel_values=b.pixel_values, arrays=tables,
                      length=length), reducers, st
-
-
-def _jitted(model, name: str, fn, static: tuple[str, ...]):
-    cache = model.__dict__.setdefault("_reduced_jits", {})
-    if name not in cache:
-        cache[name] = jax.jit(functools.partial(fn, model.graphdef), static_argnames=static)
-    return cache[name]
 
 
 def run_forward_next(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, mask_only=False):
