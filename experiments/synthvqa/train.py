@@ -1,0 +1,497 @@
+"""Train the tiny synthetic-VQA LLaVA from scratch on CPU (JAX + optax), export it as an HF checkpoint.
+
+``python -m experiments.synthvqa.train --out experiments/synthvqa/checkpoint`` (reproducible from ``--seed``).
+
+Model (:data:`MODEL_CFG`): a CLIP-style ViT (96 px, 8 px patches -> 12x12 = 144 tokens, width 64, 3 layers of
+which LLaVA's ``vision_feature_layer=-2`` runs 2), LLaVA's 2-layer GELU projector, and a 4-layer Llama
+(width 128, 4 query / 2 KV heads, SwiGLU 256) over a word-level vocabulary of 128 (``<image>`` = 127).
+
+Training design (what was tried and why is in ``experiments/results/synthvqa_training.md``):
+
+1. **Tower pretraining** (``tower_steps``): the ViT alone, with auxiliary heads on its feature-layer output:
+   per patch, the colour and the shape of the object covering it (or background), whether it holds an
+   object's centre and which 3x3 cell it lies in; on the CLS token, which (colour, shape) pairs are in the image (multi-label). A
+   from-scratch LM cannot discover small objects through a randomly initialised tower in a CPU budget;
+   the per-patch targets make every patch feature say what is under it. The CLS target makes CLS attend to
+   the objects, which is what CLS-attention reducers (FasterVLM, VisionZip, AdaFV, ...) rely on in real CLIP.
+2. **LLaVA training** (``steps``): everything end to end on the question/answer pairs with the vicuna_v1
+   template exactly as evaluation prompts it, several questions of an image per conversation
+   (``multi_turn``); loss on the answer tokens and ``</s>``, plus ``question_weight`` x the next-token loss
+   of the question text after the image (image-conditioned question modelling: predicting "circle" in
+   "What color is the circle" needs the shapes present, a one-hop retrieval that bootstraps the two-hop
+   circuits the answers need); the auxiliary tower loss is kept at ``aux_weight`` so features stay local.
+
+The heads are training-only and not exported. The export is the HF LLaVA-1.5 layout (``legacy`` keys) with
+a ``tokenizer.json``; :func:`checkpoints_convert.convert` loads it back like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import jaxprune as jp
+from experiments.synthvqa.dataset import make_items, render_items
+from experiments.synthvqa.questions import QTYPES, vocabulary
+from experiments.synthvqa.scene import COLOUR_NAMES, SHAPES
+from experiments.train.batches import collate, encode
+from experiments.train.loss import llava_logits, sequence_hits, token_xent, vision_hidden
+from experiments.wordtok import save_word_tokenizer, word_tokenizer
+from jaxprune import generate as gen
+from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
+from jaxprune.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, IMAGE_TOKEN
+
+MODEL_CFG = LlavaConfig(
+    vision=VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                        image_size=96, patch_size=8),
+    text=TextConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, eos_token_id=(2,), pad_token_id=0,
+                    max_position_embeddings=1024),
+    image_token_index=127)
+N_VISUAL = (MODEL_CFG.vision.image_size // MODEL_CFG.vision.patch_size) ** 2  # 144
+SYSTEM_WORDS = ("a chat between curious user and an artificial intelligence assistant . the gives helpful , "
+                "detailed polite answers to ' s questions :").split()
+
+
+def tokenizer():
+    """The HF fast tokenizer of the model (word level: the vicuna_v1 system prompt + the synthvqa words)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = word_tokenizer(SYSTEM_WORDS + list(vocabulary()), MODEL_CFG.text.vocab_size,
+                         MODEL_CFG.image_token_index)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    n_train_images: int = 12000
+    tower_steps: int = 500
+    tower_batch: int = 64
+    tower_lr: float = 3e-3
+    steps: int = 1500
+    batch: int = 32
+    lr: float = 1.5e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    aux_weight: float = 0.3
+    question_weight: float = 0.5
+    #: supervised attention (two hops), weight ``attn_weight`` (0 = off): the head-mean attention of each
+    #: answer's query row is pulled onto the question's colour / shape words in the layers before
+    #: ``attn_layer`` (their last layer) and onto the patches the question is about in ``attn_layer``
+    #: (``-log`` of the attention mass).
+    attn_layer: int = 1
+    attn_weight: float = 1.0
+    #: scene curriculum: comma-separated ``min-max:steps`` phases of easier scenes (objects per image) run
+    #: first, then the benchmark's 3-5 objects for the remaining steps; "" = none.
+    curriculum: str = ""
+    eval_every: int = 100
+    multi_turn: bool = True
+    #: stage 2 trains the projector and the LM on precomputed features of the stage-1 tower (as LLaVA keeps
+    #: CLIP frozen); False = end to end with the auxiliary loss kept at ``aux_weight``.
+    freeze_tower: bool = True
+    n_val_images: int = 128
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """``[N, S, S, 3] uint8 -> [N, 3, S, S] float32``: LLaVA 'pad' preprocessing of an already square image
+    at the tower's size (rescale 1/255, CLIP mean/std); equality with
+    :func:`jaxprune.processing.preprocess_images` is tested."""
+    x = images.astype(np.float32) * np.float32(1 / 255)
+    x = (x - np.asarray(OPENAI_CLIP_MEAN, np.float32)) / np.asarray(OPENAI_CLIP_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Pool:
+    images: np.ndarray        # [N, S, S, 3] uint8
+    colour: np.ndarray        # [N, P] int32
+    shape: np.ndarray         # [N, P] int32
+    centre: np.ndarray        # [N, P] int32
+    pairs: np.ndarray         # [N, C*S] float32 multi-hot
+    q_image: np.ndarray       # [Q] image index of each question
+    q_type: np.ndarray        # [Q] index into QTYPES
+    ids: np.ndarray           # [Q, T] int32
+    labels: np.ndarray        # [Q, T] int32
+    valid: np.ndarray         # [Q, T] bool
+    qlabels: np.ndarray       # [Q, T] int32: next-token targets of the text after the image that is not an answer
+    arow: np.ndarray | None = None     # [Q, 4] query row (the token before each answer), 0 = none
+    atarget: np.ndarray | None = None  # [Q, 4, P] float32: patches the answer is about (all zero = none)
+    wtarget: np.ndarray | None = None  # [Q, 4, T] float32: the question's colour / shape words
+    feats: np.ndarray | None = None  # [N, P, Dv] frozen-tower features (freeze_tower)
+
+
+def build_pool(split: str, seed: int, n_images: int, tok, length: int | None = None,
+               multi_turn: bool = False, objects: tuple[int, int] = (3, 5)) -> Pool:
+    """Rendered images + encoded questions. ``multi_turn``: one conversation per image holding all its
+    questions in a random order (the first turn is exactly the evaluation prompt); else one row per question."""
+    items = make_items(split, seed, n_images, objects=objects)
+    rs = render_items(items)
+    n = len(items)
+    pairs = np.zeros((n, len(COLOUR_NAMES) * len(SHAPES)), np.float32)
+    rows, q_image, q_type, cache, targets = [], [], [], {}, []
+    order_rng = np.random.default_rng([seed, 99])
+    for i, it in enumerate(items):
+        for o in it.scene.objects:
+            pairs[i, COLOUR_NAMES.index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)] = 1
+        if multi_turn:
+            qas = [it.qas[j] for j in order_rng.permutation(len(it.qas))]
+            turns = [((IMAGE_TOKEN + "\n" if j == 0 else "") + qa.text, qa.answer) for j, qa in enumerate(qas)]
+            rows.append(encode(tok, turns, MODEL_CFG.image_token_index, N_VISUAL))
+            targets.append([target_patches(qa, rs.colour_map[i], rs.shape_map[i]) for qa in qas])
+            q_image.append(i)
+            q_type.append(-1)
+            continue
+        for qa in it.qas:
+            key = (qa.text, qa.answer)
+            if key not in cache:
+                cache[key] = encode(tok, [(IMAGE_TOKEN + "\n" + qa.text, qa.answer)], MODEL_CFG.image_token_index,
+                                    N_VISUAL)
+            rows.append(cache[key])
+            q_image.append(i)
+            q_type.append(QTYPES.index(qa.qtype))
+            targets.append([target_patches(qa, rs.colour_map[i], rs.shape_map[i])])
+    b = collate(rows, bucket=8, length=length)
+    arow = np.zeros((len(rows), 4), np.int32)
+    atarget = np.zeros((len(rows), 4, N_VISUAL), np.float32)
+    wtarget = np.zeros((len(rows), 4, b.input_ids.shape[1]), np.float32)
+    content = np.isin(b.input_ids, [tok.convert_tokens_to_ids(w) for w in COLOUR_NAMES + SHAPES])
+    for r, tg in enumerate(targets):
+        lab = b.labels[r]
+        starts = np.flatnonzero((lab >= 0) & np.concatenate([[True], lab[:-1] < 0]))  # first token of each answer
+        prev = 0
+        for j, t in enumerate(tg[:4]):
+            arow[r, j] = starts[j]
+            atarget[r, j] = t
+            wtarget[r, j, prev:starts[j] + 1] = content[r, prev:starts[j] + 1]
+            prev = starts[j] + 1
+    return Pool(rs.images, rs.colour_map.reshape(n, -1).astype(np.int32), rs.shape_map.reshape(n, -1).astype(np.int32),
+                rs.centre_map.reshape(n, -1).astype(np.int32), pairs, np.asarray(q_image), np.asarray(q_type),
+                b.input_ids, b.labels, b.valid, question_labels(b.input_ids, b.labels, b.valid), arow, atarget, wtarget)
+
+
+def target_patches(qa, colour_map: np.ndarray, shape_map: np.ndarray) -> np.ndarray:
+    """``[P]`` float32: the patches a question is about (the object asked for; every object of the colour for
+    "how many"; none for an "is there" whose answer is no)."""
+    words = qa.question.lower().rstrip("?").split()
+    c = next((COLOUR_NAMES.index(w) + 1 for w in words if w in COLOUR_NAMES), None)
+    sh = next((SHAPES.index(w) + 1 for w in words if w in SHAPES), None)
+    if qa.qtype == "exist" and qa.answer == "no":
+        return np.zeros(N_VISUAL, np.float32)
+    m = np.ones(colour_map.shape, bool)
+    if c is not None:
+        m &= colour_map == c
+    if sh is not None:
+        m &= shape_map == sh
+    return m.reshape(-1).astype(np.float32)
+
+
+def question_labels(ids: np.ndarray, labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``[Q, T]`` next-token targets for every text token after the last image token that is not an answer
+    target (the questions, their suffix and the template words), -1 elsewhere."""
+    t = ids.shape[1]
+    last_img = t - 1 - np.argmax((ids == MODEL_CFG.image_token_index)[:, ::-1], axis=1)  # [Q]
+    pos = np.arange(t)[None, :]
+    nxt_valid = np.concatenate([valid[:, 1:], np.zeros_like(valid[:, :1])], axis=1)
+    keep = (pos >= last_img[:, None]) & nxt_valid & (labels < 0)
+    nxt = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
+    return np.where(keep, nxt, -1).astype(np.int32)
+
+
+# ---- auxiliary heads ------------------------------------------------------------------------------------
+def init_heads(key: jax.Array, dim: int) -> dict:
+    sizes = {"colour": 1 + len(COLOUR_NAMES), "shape": 1 + len(SHAPES), "centre": 2, "cell": 9,
+             "pairs": len(COLOUR_NAMES) * len(SHAPES)}
+    keys = jax.random.split(key, len(sizes))
+    return {k: {"w": jax.random.normal(kk, (dim, n)) / dim ** 0.5, "b": jnp.zeros((n,))}
+            for kk, (k, n) in zip(keys, sizes.items())}
+
+
+_G = MODEL_CFG.vision.image_size // MODEL_CFG.vision.patch_size
+#: [P] the 3x3 cell (row-major) of each patch, a per-patch auxiliary target (coarse position).
+_PATCH_CELL = jnp.asarray((np.arange(_G)[:, None] * 3 // _G * 3 + np.arange(_G)[None, :] * 3 // _G).reshape(-1))
+
+
+def aux_loss(heads: dict, hidden: jax.Array, colour, shape, centre, pairs) -> tuple[jax.Array, dict]:
+    """``hidden [B, 1+P, Dv]`` (feature layer, CLS first); labels ``[B, P]`` ints, ``pairs [B, C*S]``."""
+    def ce(name, x, y):
+        lg = x @ heads[name]["w"] + heads[name]["b"]
+        return -jnp.take_along_axis(jax.nn.log_softmax(lg), y[..., None], -1).mean(), (lg.argmax(-1) == y).mean()
+
+    patches, cls = hidden[:, 1:], hidden[:, 0]
+    lc, ac = ce("colour", patches, colour)
+    ls, as_ = ce("shape", patches, shape)
+    lz, _ = ce("centre", patches, centre)
+    lcell, _ = ce("cell", patches, jnp.broadcast_to(_PATCH_CELL, colour.shape))
+    lg = cls @ heads["pairs"]["w"] + heads["pairs"]["b"]
+    lp = optax.sigmoid_binary_cross_entropy(lg, pairs).mean()
+    ap = ((lg > 0) == (pairs > 0.5)).all(-1).mean()
+    return lc + ls + 0.5 * lz + 0.5 * lcell + lp, {"aux_colour_acc": ac, "aux_shape_acc": as_, "aux_pairs_exact": ap}
+
+
+# ---- steps ----------------------------------------------------------------------------------------------
+def _optimizer(lr: float, steps: int, warmup: int, wd: float):
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=wd))
+
+
+def make_steps(graphdef, cfg: TrainConfig, tower_opt, opt):
+    def tower_loss(train, batch):
+        params, heads = train
+        m = nnx.merge(graphdef, params)
+        hid = vision_hidden(m, batch["pixels"])
+        return aux_loss(heads, hid, batch["colour"], batch["shape"], batch["centre"], batch["pairs"])
+
+    def full_loss(train, batch):
+        params, heads = train
+        m = nnx.merge(graphdef, params)
+        hid = vision_hidden(m, batch["pixels"])
+        la, metrics = aux_loss(heads, hid, batch["colour"], batch["shape"], batch["centre"], batch["pairs"])
+        logits = llava_logits(m, batch["ids"], batch["pixels"], batch["valid"], batch["positions"], hidden=hid)
+        lt, _, _ = token_xent(logits, batch["labels"])
+        lq, _, _ = token_xent(logits, batch["qlabels"])
+        metrics = dict(metrics, answer_loss=lt, question_loss=lq,
+                       answer_exact=sequence_hits(logits, batch["labels"]).mean())
+        return lt + cfg.question_weight * lq + cfg.aux_weight * la, metrics
+
+    def tower_step(params, heads, state, batch):
+        # Only the vision tower and the heads move in stage 1.
+        vis = params["vision"]
+
+        def f(tr):
+            p = dict(params)
+            p["vision"] = tr[0]
+            return tower_loss((p, tr[1]), batch)
+
+        (loss, metrics), g = jax.value_and_grad(f, has_aux=True)((vis, heads))
+        upd, state = tower_opt.update(g, state, (vis, heads))
+        vis, heads = optax.apply_updates((vis, heads), upd)
+        params = dict(params)
+        params["vision"] = vis
+        return params, heads, state, dict(metrics, loss=loss)
+
+    def full_step(params, heads, state, batch):
+        (loss, metrics), g = jax.value_and_grad(full_loss, has_aux=True)((params, heads), batch)
+        upd, state = opt.update(g, state, (params, heads))
+        params, heads = optax.apply_updates((params, heads), upd)
+        return params, heads, state, dict(metrics, loss=loss)
+
+    def frozen_loss(train, vision, batch):
+        m = nnx.merge(graphdef, dict(train, vision=vision))
+        emb = m.merge(batch["ids"], m.projector(batch["feats"]))
+        la_, pos, val = cfg.attn_layer, batch["positions"], batch["valid"]
+        h, _, (q0, k0) = gen.decoder_prefill(m, emb, pos, val, range(la_), 0, return_qk=True)
+        h, _, (q, k) = gen.decoder_prefill(m, h, pos, val, range(la_, la_ + 1), 0, return_qk=True)
+        h, _ = gen.decoder_prefill(m, h, pos, val, range(la_ + 1, len(m.language.layers)), 0)
+        logits = m.logits(h)
+        lt, _, _ = token_xent(logits, batch["labels"])
+        lq, _, _ = token_xent(logits, batch["qlabels"])
+        img = jnp.argmax(batch["ids"] == MODEL_CFG.image_token_index, axis=1)[:, None] + jnp.arange(N_VISUAL)
+        full = jnp.zeros(batch["wtarget"].shape, jnp.float32)
+        full = jax.vmap(lambda f, sl, t: f.at[:, sl].set(t))(full, img, batch["atarget"])  # [B, R, T]
+        lat = attention_target_loss(q, k, val, batch["arow"], full)
+        lat = lat + attention_target_loss(q0, k0, val, batch["arow"], batch["wtarget"])
+        metrics = dict(answer_loss=lt, question_loss=lq, attn_loss=lat,
+                       answer_exact=sequence_hits(logits, batch["labels"]).mean())
+        return lt + cfg.question_weight * lq + cfg.attn_weight * lat, metrics
+
+    def frozen_step(train, vision, state, batch):
+        (loss, metrics), g = jax.value_and_grad(frozen_loss, has_aux=True)(train, vision, batch)
+        upd, state = opt.update(g, state, train)
+        return optax.apply_updates(train, upd), state, dict(metrics, loss=loss)
+
+    def evaluate(params, batch):
+        m = nnx.merge(graphdef, params)
+        logits = llava_logits(m, batch["ids"], batch["pixels"], batch["valid"], batch["positions"])
+        return sequence_hits(logits, batch["labels"])
+
+    return (jax.jit(tower_step, donate_argnums=(0, 1, 2)), jax.jit(full_step, donate_argnums=(0, 1, 2)),
+            jax.jit(frozen_step, donate_argnums=(0, 2)), jax.jit(evaluate))
+
+
+def attention_target_loss(q: jax.Array, k: jax.Array, valid: jax.Array, arow: jax.Array,
+                          target: jax.Array) -> jax.Array:
+    """``-log`` of the head-mean attention mass that each answer's query row puts on its target slots (rows
+    without a target are ignored). ``q [B,T,N,hd]``, ``k [B,T,K,hd]`` post-RoPE of one layer, ``arow [B, R]``,
+    ``target [B, R, T]``."""
+    from jaxprune.models.attention import attention_rows
+
+    T = q.shape[1]
+    q_rows = jnp.take_along_axis(q, arow[:, :, None, None], axis=1)  # [B, R, N, hd]
+    kv = valid[:, None, :] & (jnp.arange(T)[None, None, :] <= arow[:, :, None])  # [B, R, T]
+    p = attention_rows(q_rows, k, kv)  # [B, N, R, T]
+    mass = (p * target[:, None]).sum(-1).mean(1)  # [B, R]
+    has = target.sum(-1) > 0
+    return jnp.where(has, -jnp.log(mass + 1e-6), 0.0).sum() / jnp.maximum(has.sum(), 1)
+
+
+def tower_features(graphdef, params: dict, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """``[N, P, Dv]`` float32 feature-layer patch features (strategy applied) of uint8 images."""
+    f = jax.jit(lambda p, x: nnx.merge(graphdef, p).vision_features(x)[0])
+    return np.concatenate([np.asarray(f(params, normalize(images[i:i + chunk])))
+                           for i in range(0, len(images), chunk)])
+
+
+def batch_of(pool: Pool, qidx: np.ndarray) -> dict:
+    img = pool.q_image[qidx]
+    t = pool.ids.shape[1]
+    return {"pixels": normalize(pool.images[img]), "colour": pool.colour[img], "shape": pool.shape[img],
+            "centre": pool.centre[img], "pairs": pool.pairs[img], "ids": pool.ids[qidx], "labels": pool.labels[qidx], "qlabels": pool.qlabels[qidx],
+            "valid": pool.valid[qidx], "rows": qidx, "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (len(qidx), t))}
+
+
+def _to_plain(state) -> dict:
+    return nnx.to_pure_dict(state)
+
+
+def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = None) -> tuple[jp.Llava, list[dict]]:
+    tok = tokenizer()
+    t0 = time.time()
+    pool = build_pool("train", cfg.seed, cfg.n_train_images, tok, multi_turn=cfg.multi_turn)
+    phases = parse_curriculum(cfg.curriculum)
+    if sum(n for _, n in phases) >= cfg.steps:
+        raise ValueError(f"curriculum {cfg.curriculum!r} uses all {cfg.steps} steps")
+    cur_pools = [build_pool("train", cfg.seed, min(cfg.n_train_images, n * cfg.batch), tok, length=pool.ids.shape[1],
+                            multi_turn=cfg.multi_turn, objects=o) for o, n in phases]
+    val = build_pool("val", cfg.seed, cfg.n_val_images, tok)
+    log = [{"event": "data", "seconds": round(time.time() - t0, 1), "train_images": len(pool.images),
+            "train_questions": len(pool.ids), "seq_len": int(pool.ids.shape[1])}]
+    print(log[-1], flush=True)
+    model = jp.Llava.random(MODEL_CFG, seed=cfg.seed)
+    graphdef = model.graphdef
+    params = _to_plain(model.params)
+    heads = init_heads(jax.random.key(cfg.seed + 1), MODEL_CFG.vision.hidden_size)
+    tower_opt = _optimizer(cfg.tower_lr, cfg.tower_steps, cfg.warmup, cfg.weight_decay)
+    opt = _optimizer(cfg.lr, cfg.steps, cfg.warmup, cfg.weight_decay)
+
+    tower_step, full_step, frozen_step, evaluate = make_steps(graphdef, cfg, tower_opt, opt)
+    rng = np.random.default_rng(cfg.seed)
+    n_img = len(pool.images)
+    first_q = np.searchsorted(pool.q_image, np.arange(n_img))  # a question row per image, for tower batches
+    tstate = tower_opt.init((params["vision"], heads))
+    t1 = time.time()
+    for step in range(cfg.tower_steps):
+        b = batch_of(pool, first_q[rng.integers(0, n_img, cfg.tower_batch)])
+        params, heads, tstate, met = tower_step(params, heads, tstate,
+                                                {k: b[k] for k in ("pixels", "colour", "shape", "centre", "pairs")})
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.tower_steps:
+            log.append({"stage": "tower", "step": step + 1, "seconds": round(time.time() - t1, 1),
+                        **{k: round(float(v), 4) for k, v in met.items()}})
+            print(log[-1], flush=True)
+    del tstate
+    if cfg.freeze_tower:
+        vision = params["vision"]
+        train_p = {k: v for k, v in params.items() if k != "vision"}
+        for p_ in [pool] + cur_pools:
+            p_.feats = tower_features(graphdef, params, p_.images)
+        state = opt.init(train_p)
+    else:
+        state = opt.init((params, heads))
+    vb = batch_of(val, np.arange(len(val.ids)))
+    vb = {k: vb[k] for k in ("pixels", "ids", "labels", "valid", "positions")}
+    t2 = time.time()
+    bounds = np.cumsum([n for _, n in phases])
+    for step in range(cfg.steps):
+        k = int(np.searchsorted(bounds, step, side="right"))
+        src = cur_pools[k] if k < len(phases) else pool
+        b = batch_of(src, rng.integers(0, len(src.ids), cfg.batch))
+        if cfg.freeze_tower:
+            b = {k: b[k] for k in ("ids", "labels", "qlabels", "valid", "positions")} | {
+                "feats": src.feats[src.q_image[b["rows"]]], "arow": src.arow[b["rows"]],
+                "atarget": src.atarget[b["rows"]], "wtarget": src.wtarget[b["rows"]]}
+            train_p, state, met = frozen_step(train_p, vision, state, b)
+            params = dict(train_p, vision=vision)
+        else:
+            b.pop("rows")
+            params, heads, state, met = full_step(params, heads, state, b)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            hits = np.asarray(evaluate(params, vb))
+            per = {f"val_{q}": round(float(hits[val.q_type == i].mean()), 3) for i, q in enumerate(QTYPES)}
+            log.append({"stage": "llava", "step": step + 1, "seconds": round(time.time() - t2, 1),
+                        **{k: round(float(v), 4) for k, v in met.items()},
+                        "val_exact": round(float(hits.mean()), 4), **per})
+            print(log[-1], flush=True)
+            if log_path is not None:
+                log_path.write_text(json.dumps(log, indent=1))
+    trained = jp.Llava.from_params(MODEL_CFG, _flat(params))
+    log.append({"event": "done", "total_seconds": round(time.time() - t0, 1)})
+    if out is not None:
+        export(trained, out)
+    if log_path is not None:
+        log_path.write_text(json.dumps(log, indent=1))
+    return trained, log
+
+
+def parse_curriculum(spec: str) -> list[tuple[tuple[int, int], int]]:
+    """``"1-1:150,1-2:250"`` -> ``[((1, 1), 150), ((1, 2), 250)]``."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        try:
+            rng, n = part.split(":")
+            lo, hi = (int(x) for x in rng.split("-"))
+            n = int(n)
+        except ValueError:
+            raise ValueError(f"curriculum phase {part!r} is not 'min-max:steps'") from None
+        if not (1 <= lo <= hi <= 9 and n > 0):
+            raise ValueError(f"curriculum phase {part!r}: need 1 <= min <= max <= 9 objects and steps > 0")
+        out.append(((lo, hi), n))
+    return out
+
+
+def _flat(params: dict) -> dict[str, np.ndarray]:
+    out = {}
+
+    def rec(prefix, x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                rec(prefix + (str(k),), v)
+        else:
+            out[".".join(prefix)] = np.asarray(x)
+    rec((), params)
+    return out
+
+
+def export(model: jp.Llava, dst: Path) -> Path:
+    """HF LLaVA checkpoint (legacy keys, fp32 safetensors) + tokenizer + preprocessor config in ``dst``."""
+    import tempfile
+
+    from checkpoints_convert import export_hf
+
+    with tempfile.TemporaryDirectory() as d:
+        sup = save_word_tokenizer(tokenizer().backend_tokenizer, Path(d) / "tok")
+        s = MODEL_CFG.vision.image_size
+        (sup / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": s},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": s, "width": s}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN),
+            "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True}, indent=2))
+        export_hf(MODEL_CFG, model.flat_params(), dst, layout="legacy", support_dir=sup, force=True)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="HF checkpoint folder to write")
+    ap.add_argument("--log", type=Path, default=None, help="JSON training log")
+    for f in dataclasses.fields(TrainConfig):
+        typ = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(f.default, bool) else type(f.default)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=f.default)
+    a = ap.parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    print(cfg, flush=True)
+    train(cfg, a.out, a.log)
+
+
+if __name__ == "__main__":
+    main()
