@@ -70,40 +70,19 @@ DEMO_WORDS: tuple[str, ...] = tuple(dict.fromkeys((
 
 
 def demo_tokenizer():
-    """A word-level ``tokenizers.Tokenizer`` matching ``DEMO_CFG``: ids 0-2 = ``<unk>`` ``<s>`` ``</s>`` (LLaMA's),
-    :data:`DEMO_WORDS`, fillers ``w{i}`` up to the vocabulary, ``<image>`` = ``DEMO_CFG.image_token_index``.
+    """A word-level ``tokenizers.Tokenizer`` matching ``DEMO_CFG`` over :data:`DEMO_WORDS`
+    (:func:`experiments.wordtok.word_tokenizer`)."""
+    from experiments.wordtok import word_tokenizer
 
-    Lower-cases, splits on whitespace and punctuation, prepends ``<s>`` (as LLaMA's tokenizer does); ``<image>`` is
-    an added special token, so an HF-style expanded ``<image><image>...`` splits into one id per copy."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for w in DEMO_WORDS:
-        vocab.setdefault(w, len(vocab))
-    img = DEMO_CFG.image_token_index
-    for i in range(len(vocab), DEMO_CFG.text.vocab_size):
-        if i != img:
-            vocab[f"w{i}"] = i
-    vocab["<image>"] = img
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<image>"])
-    return tok
+    return word_tokenizer(DEMO_WORDS, DEMO_CFG.text.vocab_size, DEMO_CFG.image_token_index)
 
 
 def save_demo_tokenizer(dst: str | Path) -> Path:
     """Write the demo tokenizer as ``tokenizer.json`` + ``tokenizer_config.json`` (loadable with
     ``AutoTokenizer`` / ``PreTrainedTokenizerFast``; pad = ``<unk>`` = id 0 = ``DEMO_CFG.text.pad_token_id``)."""
-    from transformers import PreTrainedTokenizerFast
+    from experiments.wordtok import save_word_tokenizer
 
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    fast = PreTrainedTokenizerFast(tokenizer_object=demo_tokenizer(), bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<unk>")
-    fast.save_pretrained(dst)
-    return dst
+    return save_word_tokenizer(demo_tokenizer(), dst)
 
 
 def write_demo_checkpoint(dst: str | Path, seed: int = 0) -> Path:
