@@ -95,6 +95,9 @@ class TrainConfig:
     #: scene curriculum: comma-separated ``min-max:steps`` phases of easier scenes (objects per image) run
     #: first, then the benchmark's 3-5 objects for the remaining steps; "" = none.
     curriculum: str = ""
+    #: continue from this HF checkpoint (e.g. the shipped one) instead of random weights; set tower_steps=0
+    #: to keep its tower.
+    init: str = ""
     eval_every: int = 100
     multi_turn: bool = True
     #: stage 2 trains the projector and the LM on precomputed features of the stage-1 tower (as LLaVA keeps
@@ -233,11 +236,12 @@ def aux_loss(heads: dict, hidden: jax.Array, colour, shape, centre, pairs) -> tu
     lc, ac = ce("colour", patches, colour)
     ls, as_ = ce("shape", patches, shape)
     lz, _ = ce("centre", patches, centre)
-    lcell, _ = ce("cell", patches, jnp.broadcast_to(_PATCH_CELL, colour.shape))
+    lcell, acell = ce("cell", patches, jnp.broadcast_to(_PATCH_CELL, colour.shape))
     lg = cls @ heads["pairs"]["w"] + heads["pairs"]["b"]
     lp = optax.sigmoid_binary_cross_entropy(lg, pairs).mean()
     ap = ((lg > 0) == (pairs > 0.5)).all(-1).mean()
-    return lc + ls + 0.5 * lz + 0.5 * lcell + lp, {"aux_colour_acc": ac, "aux_shape_acc": as_, "aux_pairs_exact": ap}
+    return lc + ls + 0.5 * lz + 0.5 * lcell + lp, {"aux_colour_acc": ac, "aux_shape_acc": as_, "aux_pairs_exact": ap,
+                                                   "aux_cell_acc": acell}
 
 
 # ---- steps ----------------------------------------------------------------------------------------------
@@ -368,7 +372,7 @@ def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = Non
     log = [{"event": "data", "seconds": round(time.time() - t0, 1), "train_images": len(pool.images),
             "train_questions": len(pool.ids), "seq_len": int(pool.ids.shape[1])}]
     print(log[-1], flush=True)
-    model = jp.Llava.random(MODEL_CFG, seed=cfg.seed)
+    model = jp.Llava.random(MODEL_CFG, seed=cfg.seed) if not cfg.init else _load_init(cfg.init)
     graphdef = model.graphdef
     params = _to_plain(model.params)
     heads = init_heads(jax.random.key(cfg.seed + 1), MODEL_CFG.vision.hidden_size)
@@ -431,6 +435,19 @@ def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = Non
     if log_path is not None:
         log_path.write_text(json.dumps(log, indent=1))
     return trained, log
+
+
+def _load_init(path: str) -> jp.Llava:
+    import tempfile
+
+    from checkpoints_convert import convert
+
+    with tempfile.TemporaryDirectory() as d:
+        convert(Path(path), Path(d) / "c")
+        m = jp.load(Path(d) / "c")
+    if m.cfg != MODEL_CFG:
+        raise ValueError(f"--init {path}: its config differs from MODEL_CFG")
+    return m
 
 
 def parse_curriculum(spec: str) -> list[tuple[tuple[int, int], int]]:
