@@ -1,15 +1,20 @@
 """``jaxprune-eval``: evaluate LLaVA with visual-token reducers on LLaVA's benchmarks.
 
-  jaxprune-eval                                    built-in default: demo model, generated POPE-format benchmark,
-                                                   full + a few reducers; no downloads; prints the table
+  jaxprune-eval                                    built-in default: the tiny LLaVA trained on the synthetic VQA
+                                                   set (the random demo model until its checkpoint is shipped),
+                                                   its test slice, full + reducers at 16/8 of 144 tokens; no
+                                                   downloads; prints the table
+  jaxprune-eval --model demo|synthvqa              the default run of that built-in model
   jaxprune-eval --model DIR --benchmark NAME --data ROOT [--reducer NAME:BUDGET ...] [--batch-size 8]
                 [--max-new-tokens N] [--out DIR] [--on-error skip|stop] [--limit N]
   jaxprune-eval --sweep sweep.toml                 reducers x budgets x benchmarks (TOML or JSON)
 
 ``--benchmark/--data`` may be repeated (paired in order).  The unreduced model always runs too (the "% of full"
-baseline) unless ``--no-full``.  Re-running with the same ``--out`` resumes.  Multi-host: start one process per
-host with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``--distributed`` where JAX
-auto-detects the cluster); process 0 writes every output.
+baseline) unless ``--no-full``.  Re-running with the same ``--out`` resumes.  The built-in default run keeps JAX's
+persistent compilation cache in the jaxprune cache folder (re-runs skip most compilation;
+``$JAX_COMPILATION_CACHE_DIR`` chooses another folder).  Multi-host: start one process per host with
+``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``--distributed`` where JAX auto-detects the
+cluster); process 0 writes every output.
 
 Exit status: 0 done; 1 a data item failed under ``--on-error stop`` (the message names it); 2 bad arguments,
 unknown benchmark / reducer names or incompatible run folders.
@@ -26,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxprune-eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     what = ap.add_argument_group("what to run")
-    what.add_argument("--model", help="model directory (HF LLaVA or converted) or 'demo' (built-in)")
+    what.add_argument("--model", help="model directory (HF LLaVA or converted), or a built-in model: 'synthvqa' "
+                      "(trained on the synthetic VQA set) or 'demo' (random weights); a built-in model without "
+                      "--benchmark runs its default benchmark and reducers")
     what.add_argument("--benchmark", action="append", default=[], help="benchmark name (repeatable)")
     what.add_argument("--data", action="append", default=[], help="data root of each --benchmark")
     what.add_argument("--reducer", action="append", default=[], metavar="NAME:BUDGET",
@@ -79,7 +86,7 @@ def _config(args: argparse.Namespace, ap: argparse.ArgumentParser):
             cfg.reducers = reducers
         if args.out:
             cfg.out = args.out
-    elif args.benchmark or args.model:
+    elif args.benchmark or (args.model and not builtin.is_builtin_model(args.model)):
         if not args.model:
             ap.error("--model is required (a model directory, or 'demo')")
         if not args.benchmark:
@@ -88,13 +95,11 @@ def _config(args: argparse.Namespace, ap: argparse.ArgumentParser):
             ap.error(f"give one --data per --benchmark ({len(args.benchmark)} benchmark(s), {len(args.data)} --data)")
         cfg = SweepConfig(model=args.model, benchmarks=[BenchmarkSpec(b, d) for b, d in zip(args.benchmark, args.data)],
                           reducers=reducers, out=args.out or "eval_results", **common)
-    else:  # no arguments / --demo: the built-in default
+    else:  # no arguments / --demo / a built-in --model alone: that model's default run
         out = args.out or tempfile.mkdtemp(prefix="jaxprune-eval-demo-")
-        cfg = builtin.default_sweep(out, **common)
+        cfg = builtin.default_sweep(out, model=args.model, **common)
         if reducers:
             cfg.reducers = reducers
-        if args.model:
-            cfg.model = args.model
     if args.no_full:
         cfg.full = False
     if args.no_overlay:
@@ -125,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = _config(args, ap)
+        if argv is None and not (args.sweep or args.benchmark):  # the console script's built-in default run
+            from experiments.eval import builtin
+
+            builtin.enable_compile_cache()
         from experiments.eval import run_sweep
 
         outcome = run_sweep(cfg)
@@ -140,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.eval.report import summary_table
 
         print(summary_table(outcome.runs) if outcome.runs else "no run completed")
+        score = (outcome.runs[0].get("score") or {}) if outcome.runs else {}
+        if "chance" in score:  # synthvqa: the blind baselines the scores compare with
+            print(f"\nBlind baselines on these {score['n']} questions: chance {score['chance']:.1f}%, "
+                  f"majority answer per type {score.get('majority', float('nan')):.1f}%")
     else:
         print(outcome.markdown)
     if outcome.skipped or any(r.record.get("n_skipped") for r in outcome.results):

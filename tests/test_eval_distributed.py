@@ -26,7 +26,7 @@ def inputs(tmp_path_factory):
     mp.setenv("JAXPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "jaxprune-eval-cache"))
     from experiments.eval import builtin
 
-    yield builtin.ensure_model()[0], builtin.ensure_benchmark()
+    yield builtin.ensure_model("demo")[0], builtin.ensure_benchmark("shapes")
     mp.undo()
 
 

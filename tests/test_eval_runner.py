@@ -283,10 +283,11 @@ def test_unknown_names_and_bad_specs(ctx, tmp_path, capsys):
 
 
 def test_default_run_cli(cache, tmp_path, capsys):
-    """The no-argument path (built-in model + generated benchmark), trimmed to the full model for speed."""
+    """The default-run path of the built-in demo model (its generated benchmark), trimmed to the full model."""
     from experiments.eval_cli import main
 
-    rc = main(["--demo", "--reducer", "full", "--limit", "8", "--no-overlay", "--out", str(tmp_path), *COMMON_FLAGS])
+    rc = main(["--model", "demo", "--reducer", "full", "--limit", "8", "--no-overlay", "--out", str(tmp_path),
+               *COMMON_FLAGS])
     out = capsys.readouterr().out
     assert rc == 0
     assert "| full | 144 |" in out and "% of full" in out and "TTFT ms" in out and "KV cache" in out

@@ -9,8 +9,9 @@ Usage::
     answers = answers_from_file("answers/llava-v1.5-7b.jsonl", questions)   # or {q.key: model_output}
     print(bench.score(questions, answers)["f1"])
 
-Registered: vqav2, gqa, textvqa, pope, mme, scienceqa, mmbench, seed, mmvet.  Each module's docstring names the
-official file and commit it reproduces and its deviations.  Pure Python (PIL only to open images).
+Registered: vqav2, gqa, textvqa, pope, mme, scienceqa, mmbench, seed, mmvet, and synthvqa (our synthetic set,
+:mod:`experiments.synthvqa`).  Each module's docstring names the official file and commit it reproduces and its
+deviations.  Pure Python (PIL only to open images).
 """
 
 from .base import (

@@ -223,9 +223,11 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "mmbench": ("mmbench", "MMBench"),
     "seed": ("seed", "SEEDBench"),
     "mmvet": ("mmvet", "MMVet"),
+    "synthvqa": ("synthvqa", "SynthVQA"),
 }
 _ALIASES = {"sqa": "scienceqa", "scienceqa_img": "scienceqa", "seedbench": "seed", "seed_bench": "seed",
-            "mm_vet": "mmvet", "vqa_v2": "vqav2", "mmbench_en": "mmbench"}
+            "mm_vet": "mmvet", "vqa_v2": "vqav2", "mmbench_en": "mmbench",
+            "synth_vqa": "synthvqa"}
 
 
 def list_benchmarks() -> list[str]:

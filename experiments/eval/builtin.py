@@ -1,20 +1,28 @@
-"""The built-in default run (``jaxprune-eval`` with no arguments): no downloads, under a minute on 2 CPU cores.
+"""The built-in default run (``jaxprune-eval`` with no arguments): no downloads, about a minute on 2 CPU cores.
 
 * Model: :data:`DEFAULT_MODEL` names an entry of :data:`BUILTIN_MODELS` (a builder writing a converted jaxprune
-  directory with its tokenizer).  Today that is ``demo``: the small random LLaVA of :mod:`experiments.demo`,
-  written as an HF checkpoint and converted with ``checkpoints_convert`` (the real loading path).  A trained
-  tiny model replaces it by adding a builder and changing that one constant.
-* Benchmark: ``shapes``, a generated POPE-format benchmark (``coco/coco_pope_{split}.json`` + ``val2014/`` PNGs):
-  images of coloured squares, "Is there a <colour> square in the image?" with yes/no labels, so the real POPE
-  loader and scorer run on it.
-* Reducers: :data:`DEFAULT_REDUCERS` (budgets are for the demo's 144 visual tokens: 48/16 = LLaVA's 192/64 of 576).
+  directory with its tokenizer):
 
+  - ``synthvqa``: the tiny LLaVA trained on the synthetic VQA set (:mod:`experiments.synthvqa`), shipped as an HF
+    checkpoint in ``experiments/synthvqa/checkpoint`` (``$JAXPRUNE_SYNTHVQA_CHECKPOINT`` points elsewhere) and
+    converted with ``checkpoints_convert`` into the cache (key = hash of the checkpoint's bytes). The default
+    whenever that checkpoint's ``config.json`` exists.
+  - ``demo``: the small random LLaVA of :mod:`experiments.demo`, written as an HF checkpoint and converted (the
+    real loading path); the default when the synthvqa checkpoint is absent.
+* Benchmark, per model (:data:`DEFAULT_RUNS`): ``synthvqa`` = the first :data:`SYNTHVQA_QUESTIONS` questions of
+  the synthetic test split (seed 0), scored per question type with chance levels; ``shapes`` (demo) = a generated
+  POPE-format benchmark (``coco/coco_pope_{split}.json`` + ``val2014/`` PNGs) of coloured squares with yes/no
+  labels, so the real POPE loader and scorer run on it.
+* Reducers, per model: budgets for 144 visual tokens (48/32/16/8 = LLaVA-1.5's 192/128/64/32 of 576).
+
+``jaxprune-eval --model demo`` (no ``--benchmark``) is the demo's default run, ``--model synthvqa`` the trained one's.
 Everything is built once into a cache folder (``$JAXPRUNE_CACHE``, else ``$XDG_CACHE_HOME/jaxprune``, else
 ``~/.cache/jaxprune``), atomically (temp folder + rename), keyed by a hash of what it depends on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,17 +33,104 @@ from pathlib import Path
 
 import numpy as np
 
-#: The model the default run (and ``--model demo``) uses.
-DEFAULT_MODEL = "demo"
-#: Reducer specs of the default run (``name:budget``), after the full model.
-DEFAULT_REDUCERS = ("fastervlm:48", "fastervlm:16", "visionzip:48", "visionzip:16", "fastv:48")
-DEFAULT_BENCHMARK = "pope"
-DEFAULT_MAX_NEW_TOKENS = 8
-DEFAULT_BATCH_SIZE = 8
+#: Where the trained synthvqa model's HF checkpoint is shipped (``$JAXPRUNE_SYNTHVQA_CHECKPOINT`` overrides).
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "synthvqa" / "checkpoint"
+CHECKPOINT_ENV = "JAXPRUNE_SYNTHVQA_CHECKPOINT"
+#: Size of the built-in synthvqa benchmark: the first N questions of the test split, seed 0.
+SYNTHVQA_QUESTIONS = 256
+SYNTHVQA_SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultRun:
+    """What the no-argument run does with one built-in model."""
+
+    benchmark: str                 # a key of BUILTIN_BENCHMARKS
+    reducers: tuple[str, ...]      # ``name:budget`` specs run after the full model
+    max_new_tokens: int
+    batch_size: int
+
+
+DEFAULT_RUNS: dict[str, DefaultRun] = {
+    "demo": DefaultRun("shapes", ("fastervlm:48", "fastervlm:16", "visionzip:48", "visionzip:16", "fastv:48"),
+                       8, 8),
+    # 9 reduced runs: compiling each run's programs dominates the time (about 5 CPU-seconds a run), not the
+    # 256 questions (about 1 s a run); the persistent compilation cache (enable_compile_cache) speeds up re-runs.
+    "synthvqa": DefaultRun("synthvqa", ("fastervlm:16", "fastervlm:8", "visionzip:16", "visionzip:8", "adafv:16",
+                                        "consensusdrop:16", "random:16", "random:8", "fastv:16"), 4, 16),
+}
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 30),
            "white": (250, 250, 250), "black": (10, 10, 10)}
 SPLITS = ("adversarial", "popular", "random")
+
+
+def synthvqa_checkpoint() -> Path:
+    """The synthvqa model's HF checkpoint directory (``$JAXPRUNE_SYNTHVQA_CHECKPOINT``, else the shipped one)."""
+    env = os.environ.get(CHECKPOINT_ENV)
+    return Path(env).expanduser() if env else SHIPPED_CHECKPOINT
+
+
+def synthvqa_available() -> bool:
+    return (synthvqa_checkpoint() / "config.json").is_file()
+
+
+def default_model() -> str:
+    """``synthvqa`` when its checkpoint exists, else ``demo`` (re-read on each call; see :data:`DEFAULT_MODEL`)."""
+    return "synthvqa" if synthvqa_available() else "demo"
+
+
+#: The model the default run uses (as found at import; :func:`default_model` re-checks).
+DEFAULT_MODEL = default_model()
+DEFAULT_REDUCERS = DEFAULT_RUNS[DEFAULT_MODEL].reducers
+DEFAULT_BENCHMARK = {"shapes": "pope", "synthvqa": "synthvqa"}[DEFAULT_RUNS[DEFAULT_MODEL].benchmark]
+DEFAULT_MAX_NEW_TOKENS = DEFAULT_RUNS[DEFAULT_MODEL].max_new_tokens
+DEFAULT_BATCH_SIZE = DEFAULT_RUNS[DEFAULT_MODEL].batch_size
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _files_digest(root: Path) -> str:
+    """sha256 over the relative names and bytes of every (non-hidden) file under ``root`` (memoised on the files'
+    names, sizes and modification times)."""
+    files = sorted(q for q in root.rglob("*") if q.is_file() and not any(
+        part.startswith(".") for part in q.relative_to(root).parts))
+    sig = tuple((str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in files)
+    if sig not in _DIGESTS:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0")
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            h.update(b"\0")
+        _DIGESTS[sig] = h.hexdigest()
+    return _DIGESTS[sig]
+
+
+def _synthvqa_dir() -> Path:
+    src = synthvqa_checkpoint()
+    if not (src / "config.json").is_file():
+        from .config import ConfigError
+
+        raise ConfigError(f"built-in model 'synthvqa': no checkpoint at {src} (config.json missing); set "
+                          f"${CHECKPOINT_ENV} to an HF checkpoint directory, or use --model demo")
+    return src
+
+
+def _synthvqa_key() -> str:
+    return "synthvqa-v1:" + _files_digest(_synthvqa_dir())
+
+
+def _synthvqa_builder(dst: Path) -> Path:
+    from checkpoints_convert import convert
+
+    return convert(_synthvqa_dir(), dst)
+
+
+def _synthvqa_id() -> str:
+    return "jaxprune-synthvqa-" + _files_digest(_synthvqa_dir())[:8]
 
 
 def _demo_builder(dst: Path) -> Path:
@@ -50,9 +145,10 @@ def _demo_key() -> str:
     return repr(DEMO_CFG) + repr(DEMO_WORDS) + "v1"
 
 
-#: name -> (model id written into answers files, cache-key function, builder(dst) -> dst)
-BUILTIN_MODELS: dict[str, tuple[str, Callable[[], str], Callable[[Path], Path]]] = {
+#: name -> (model id written into answers files (or a function giving it), cache-key function, builder(dst) -> dst)
+BUILTIN_MODELS: dict[str, tuple[str | Callable[[], str], Callable[[], str], Callable[[Path], Path]]] = {
     "demo": ("jaxprune-demo-random", _demo_key, _demo_builder),
+    "synthvqa": (_synthvqa_id, _synthvqa_key, _synthvqa_builder),
 }
 
 
@@ -85,14 +181,36 @@ def _cached(name: str, key: str, build: Callable[[Path], object]) -> Path:
     return dst
 
 
+def enable_compile_cache() -> Path | None:
+    """Use JAX's persistent compilation cache under ``cache_root()/xla`` (re-runs of the default run skip XLA
+    compilation, most of its time), unless a cache folder is already configured (``$JAX_COMPILATION_CACHE_DIR``).
+    Returns the folder in use (None if JAX refuses)."""
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return Path(current)
+    path = cache_root() / "xla"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except (AttributeError, ValueError, OSError):  # an older / newer JAX without these options
+        return None
+    return path
+
+
 def is_builtin_model(name: str) -> bool:
     return name in BUILTIN_MODELS
 
 
-def ensure_model(name: str = DEFAULT_MODEL) -> tuple[Path, str]:
-    """(converted model directory with tokenizer, model id) of a built-in model, built on first use."""
+def ensure_model(name: str | None = None) -> tuple[Path, str]:
+    """(converted model directory with tokenizer, model id) of a built-in model (default: :func:`default_model`),
+    built on first use."""
+    name = name or default_model()
     model_id, key, build = BUILTIN_MODELS[name]
-    return _cached(f"model-{name}", key(), build), model_id
+    path = _cached(f"model-{name}", key(), build)
+    return path, model_id() if callable(model_id) else model_id
 
 
 def write_shapes_benchmark(dst: str | Path, n_images: int = 8, seed: int = 0) -> Path:
@@ -128,17 +246,48 @@ def write_shapes_benchmark(dst: str | Path, n_images: int = 8, seed: int = 0) ->
     return dst
 
 
-def ensure_benchmark() -> Path:
-    """Data root of the built-in ``shapes`` benchmark (POPE format)."""
-    return _cached("bench-shapes-pope", "shapes-v1-8", write_shapes_benchmark)
+def _synthvqa_bench_key() -> str:
+    """Benchmark settings + the generator's source bytes (a changed generator rebuilds the cached copy)."""
+    src = Path(__file__).resolve().parents[1] / "synthvqa"
+    h = hashlib.sha256()
+    for name in ("scene.py", "questions.py", "dataset.py", "export.py"):
+        h.update(name.encode() + b"\0" + (src / name).read_bytes())
+    return f"synthvqa-test-{SYNTHVQA_SEED}-{SYNTHVQA_QUESTIONS}-{h.hexdigest()}"
 
 
-def default_sweep(out: str | Path, **overrides):
-    """The :class:`~experiments.eval.config.SweepConfig` of the no-argument run."""
-    from .config import BenchmarkSpec, ReducerSpec, SweepConfig
+def write_synthvqa_benchmark(dst: str | Path) -> Path:
+    """The built-in synthvqa benchmark: the first :data:`SYNTHVQA_QUESTIONS` test questions (seed 0)."""
+    from experiments.synthvqa.export import write_benchmark
 
-    kw = dict(model=DEFAULT_MODEL, benchmarks=[BenchmarkSpec(DEFAULT_BENCHMARK, str(ensure_benchmark()))],
-              reducers=[ReducerSpec.parse(r) for r in DEFAULT_REDUCERS], out=str(out),
-              max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_size=DEFAULT_BATCH_SIZE)
+    return write_benchmark(dst, "test", SYNTHVQA_SEED, n_images=None, n_questions=SYNTHVQA_QUESTIONS)
+
+
+#: name -> (benchmark name it is loaded with, cache-key function, builder(dst))
+BUILTIN_BENCHMARKS: dict[str, tuple[str, Callable[[], str], Callable[[Path], object]]] = {
+    "shapes": ("pope", lambda: "shapes-v1-8", write_shapes_benchmark),
+    "synthvqa": ("synthvqa", _synthvqa_bench_key, write_synthvqa_benchmark),
+}
+
+
+def ensure_benchmark(name: str = "shapes") -> Path:
+    """Data root of a built-in benchmark (``shapes``: POPE format; ``synthvqa``: the synthetic test slice)."""
+    bench, key, build = BUILTIN_BENCHMARKS[name]
+    return _cached(f"bench-{name}-{bench}", key(), build)
+
+
+def default_sweep(out: str | Path, model: str | None = None, **overrides):
+    """The :class:`~experiments.eval.config.SweepConfig` of the no-argument run of built-in ``model`` (default:
+    :func:`default_model`); ``overrides`` (None values ignored) replace its fields."""
+    from .config import BenchmarkSpec, ConfigError, ReducerSpec, SweepConfig
+
+    model = model or default_model()
+    if model not in DEFAULT_RUNS:
+        raise ConfigError(f"no default run for model {model!r} (built-in: {', '.join(DEFAULT_RUNS)}); "
+                          "give --benchmark and --data")
+    run = DEFAULT_RUNS[model]
+    bench = BUILTIN_BENCHMARKS[run.benchmark][0]
+    kw = dict(model=model, benchmarks=[BenchmarkSpec(bench, str(ensure_benchmark(run.benchmark)))],
+              reducers=[ReducerSpec.parse(r) for r in run.reducers], out=str(out),
+              max_new_tokens=run.max_new_tokens, batch_size=run.batch_size)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return SweepConfig(**kw)

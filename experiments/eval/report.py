@@ -20,7 +20,8 @@ from typing import Any
 from .answers import write_json_atomic
 
 _NAMES = {"pope": "POPE", "gqa": "GQA", "textvqa": "TextVQA", "mme": "MME", "scienceqa": "SQA-IMG",
-          "mmbench": "MMB", "seed": "SEED", "vqav2": "VQAv2", "mmvet": "MM-Vet"}
+          "mmbench": "MMB", "seed": "SEED", "vqav2": "VQAv2", "mmvet": "MM-Vet",
+          "synthvqa": "SynthVQA"}
 
 
 def fmt_flops(x: float | None) -> str:

@@ -48,7 +48,7 @@ PROMPT_FORMAT = "vicuna_v1 + HF <image> expansion"
 #: Headline metric per benchmark (the number LLaVA's tables report); None = scored by an external server/grader.
 HEADLINE: dict[str, str | None] = {"pope": "f1", "gqa": "accuracy", "textvqa": "accuracy", "mme": "perception",
                                    "scienceqa": "img_accuracy", "mmbench": "circular_accuracy", "seed": "accuracy",
-                                   "vqav2": "accuracy", "mmvet": None}
+                                   "vqav2": "accuracy", "mmvet": None, "synthvqa": "accuracy"}
 #: Submission file (relative to the run folder) per benchmark that has one.
 SUBMISSION: dict[str, str] = {"vqav2": "vqav2_evalai_submission.json", "gqa": "testdev_balanced_predictions.json",
                               "mme": "mme_answers", "mmbench": "mmbench_submission.tsv",
