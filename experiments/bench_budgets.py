@@ -1,26 +1,44 @@
 """Prefill time, decode ms/token, KV bytes and analytic FLOPs at 576 / 192 / 128 / 64 visual tokens.
 
 Rows: the full model (576 tokens) and every registered reducer (:func:`jaxprune.reducers.registry.names`,
-pre-LLM and in-LLM) at each budget, on :func:`bench_common.bench_config` with the ``bench_forward``
-prompt (35-token prefix, one image, 40-token question), fp32:
+pre-LLM and in-LLM) at each budget, with the ``bench_forward`` prompt (35-token prefix, one image,
+40-token question), fp32, random weights, on
+
+* ``--depth 32`` (default): :func:`bench_common.bench_config` ``(num_layers=32)``, CLIP 6 x 256 + Llama
+  **32** x 512 (the 8-layer bench config's layers, LLaVA-1.5's depth).
+  The in-LLM multi-cut methods define their budgets as the average visual-token count over the decoder
+  layers with cuts at fixed fractions of a 32-layer decoder (PyramidDrop / ADSC after layers 2 / 8 / 16,
+  VisionDrop after 8 / 16 / 24). On 8 layers those schedules collapse to cuts after layers 1 / 2 / 4 and
+  64 is unreachable (the first layer alone averages 576 / 8 = 72 tokens), so the budget table is measured
+  at LLaVA-1.5's depth (narrower than 7B to stay affordable on a CPU);
+* ``--depth 8``: :func:`bench_common.bench_config`, CLIP 6 x 256 + Llama 8 x 512 (the config of
+  ``bench_forward`` / ``bench_reducers``; 64 is then unreachable for the multi-cut methods and reported as
+  an error row).
+
+Columns:
 
 * prefill ms = jitted prefill to the first token's logits (TTFT, vision tower included; with a reducer
-  ``plan._prefill_reduced`` as ``Llava.generate`` runs it);
+  ``plan._prefill_reduced`` as ``Llava.generate`` runs it), median of ``--repeats`` runs;
 * decode ms/token = (generate(N+1) - generate(1)) / N with EOS disabled, where generate(n) = that prefill
   (KV caches sized for N+1 new tokens) + ``Llava._decode`` of n tokens; unlike ``bench_forward`` both
   runs share one prefill program, so the prefill cancels exactly and each row compiles one prefill;
 * KV bytes = ``DecodeState.kv_bytes`` of the real prefill, asserted equal to
   :func:`jaxprune.flops.kv_cache_bytes` (a mismatch fails the run after the results are written);
 * FLOPs = :func:`jaxprune.flops.prefill_cost` ``.total`` (vision + projector + LLM with SwiGLU and GQA,
-  LM head on the last token) at the sequence length the model really runs (the prompt padded to the
+  LM head on the last token, plus the selection work of in-LLM cuts that score with the next layer's
+  attention, ``llm_cuts``) at the sequence length the model really runs (the prompt padded to the
   model's 32-token bucket), plus, for reducers with ``shallow_layers > 0`` (ConsensusDrop
   source="shallow"), the shallow prefill on the full sequence, which ``prefill_cost`` does not count;
   the FastV-formula LLM count (``llm_fastv_formula``) is listed too, labelled;
 * average visual tokens over the decoder layers (``PrefillCost.average_visual_tokens``);
-* realized speedup = t_full / t, FLOPs speedup = FLOPs_full / FLOPs, ratio = realized / FLOPs speedup,
-  pass when ratio >= 0.85.
+* realized speedup = median over ``--repeats`` interleaved pairs of t_full / t: the full model's prefill
+  is timed again next to each row (:func:`bench_common.timeit_paired`), so that both sides of the ratio
+  see the same machine load (on a shared machine, a full-model time taken minutes earlier moved the
+  ratios by +-15%); FLOPs speedup = FLOPs_full / FLOPs, ratio = realized / FLOPs speedup, pass when
+  ratio >= 0.85.
 
-    python -m experiments.bench_budgets [--budgets 192 128 64] [--batch 1] [--repeats 5] [--out STEM|PATH]
+    python -m experiments.bench_budgets [--depth 32|8] [--budgets 192 128 64] [--batch 1] [--repeats 5]
+                                        [--out STEM|PATH]
 
 Writes ``experiments/results/budgets_cpu.md``, ``.json`` and ``.png`` (prefill ms vs average visual
 tokens; with ``--out X`` the three files are ``X.md``, ``X.json``, ``X.png``). ``--out`` takes a stem
@@ -30,12 +48,14 @@ tokens; with ``--out X`` the three files are ``X.md``, ``X.json``, ``X.png``). `
 from __future__ import annotations
 
 import argparse
+import statistics
 import traceback
 
 import jax
 
 from experiments import bench_reducers as br
-from experiments.bench_common import bench_config, git_rev, jax_device, machine, md_table, timeit
+from experiments.bench_common import (bench_config, describe_config, git_rev, jax_device, machine, md_table, timeit,
+                                      timeit_paired)
 from experiments.bench_forward import PREFIX, QUESTION, make_inputs
 from jaxprune import flops
 from jaxprune.reducers import plan, registry
@@ -59,7 +79,9 @@ def shallow_flops(cfg, spec, seq: int, batch: int) -> float:
     return batch * total
 
 
-def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int) -> dict:
+def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int, baseline=None) -> dict:
+    """One row. ``baseline`` (the full model's prefill, a blocking callable): time the prefill in interleaved
+    pairs with it and report ``speedup`` = median of the per-pair ratios."""
     cfg = model.cfg
     run, meta = br.prefill_runner(model, spec, ids, mask, px)
     b, ipr = meta["batch"], meta["imgs_per_row"]
@@ -72,7 +94,16 @@ def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int) -> dict
             jax.block_until_ready(model._decode(model.params, st, max_new_tokens=k, eos_ids=(), pad_id=0))
         return f
 
-    t_pre = timeit(lambda: jax.block_until_ready(run(n).first_logits), repeats)
+    prefill = lambda: jax.block_until_ready(run(n).first_logits)  # noqa: E731
+    paired = {}
+    if baseline is None:
+        t_pre = timeit(prefill, repeats)
+    else:
+        t_base, t_own = timeit_paired(baseline, prefill, repeats)
+        t_pre = statistics.median(t_own)
+        paired = {"full_prefill_s_paired": statistics.median(t_base),
+                  "speedup": statistics.median([a / b for a, b in zip(t_base, t_own)]),
+                  "prefill_times_s": t_own, "full_prefill_times_s": t_base}
     t1 = timeit(generate(1), repeats)
     tn = timeit(generate(n), repeats)
     state = run(n)
@@ -85,8 +116,9 @@ def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int) -> dict
             "visual_tokens": cost.visual_tokens, "prefill_s": t_pre, "decode_s_per_tok": (tn - t1) / new_tokens,
             "kv_bytes": int(state.kv_bytes), "kv_bytes_analytic": int(kv_analytic),
             "kv_agree": int(state.kv_bytes) == int(kv_analytic), "flops_vision": cost.vision,
-            "flops_projector": cost.projector, "flops_llm": cost.llm_swiglu, "flops_shallow": extra,
-            "flops_total": cost.total + extra, "flops_llm_fastv_formula": cost.llm_fastv_formula}
+            "flops_projector": cost.projector, "flops_llm": cost.llm_swiglu, "flops_llm_cuts": cost.llm_cuts,
+            "flops_shallow": extra, "flops_total": cost.total + extra,
+            "flops_llm_fastv_formula": cost.llm_fastv_formula, **paired}
 
 
 def plot(rows: list[dict], full: dict, path, title: str) -> None:
@@ -120,14 +152,18 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64],
                     help="visual-token budgets as quoted for LLaVA-1.5 (576 tokens); --tiny scales them")
+    ap.add_argument("--depth", type=int, choices=(8, 32), default=32,
+                    help="decoder layers of the bench config (Llama N x 512): 32, LLaVA-1.5's depth (default), or 8, the "
+                         "bench_forward / bench_reducers config; ignored with --tiny")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5; 1 with --tiny)")
     ap.add_argument("--new-tokens", type=int, default=None, help="N for the decode rate (default 32; 2 with --tiny)")
     ap.add_argument("--reducers", nargs="+", default=None, help="subset of registered names (default: all)")
     ap.add_argument("--tiny", action="store_true", help="tiny config (smoke test)")
+    ap.add_argument("--note", action="append", default=[], help="free-text note for the results file (repeatable)")
     ap.add_argument("--out", default=None, help="results stem or path (default budgets_cpu; none with --tiny)")
     a = ap.parse_args(argv)
-    cfg = br.tiny_config() if a.tiny else bench_config()
+    cfg = br.tiny_config() if a.tiny else bench_config(num_layers=a.depth)
     repeats = a.repeats or (1 if a.tiny else 5)
     new_tokens = a.new_tokens or (2 if a.tiny else 32)
     budgets = br.scale_budgets(cfg, a.budgets)
@@ -136,6 +172,9 @@ def main(argv=None) -> dict:
     ids, mask, px = make_inputs(cfg, a.batch)
     full = {"reducer": "full", "budget": cfg.tokens_per_image,
             **bench_row(model, None, ids, mask, px, new_tokens, repeats)}
+    run_full, _ = br.prefill_runner(model, None, ids, mask, px)
+    n_full = new_tokens + 1
+    baseline = lambda: jax.block_until_ready(run_full(n_full).first_logits)  # noqa: E731
     data = {"machine": machine(), "device": jax_device(), "git": git_rev(), "command": br.command(
         "experiments.bench_budgets", argv), "config": cfg.to_hf_dict(), "batch": a.batch, "prefix": PREFIX,
         "question": QUESTION, "repeats": repeats, "new_tokens": new_tokens, "budgets": budgets,
@@ -144,8 +183,9 @@ def main(argv=None) -> dict:
     def fmt(r: dict) -> list:
         mib = r["kv_bytes"] / 2 ** 20
         kv = f"{mib:.3f}" + ("" if r["kv_agree"] else f" (analytic {r['kv_bytes_analytic'] / 2 ** 20:.3f}!)")
+        paired = f"{r['full_prefill_s_paired'] * 1e3:.2f}" if "full_prefill_s_paired" in r else ""
         cells = [r["reducer"], r["budget"], r["stages"] or "-", f"{r['avg_visual_tokens']:.1f}",
-                 f"{r['prefill_s'] * 1e3:.2f}", f"{r['decode_s_per_tok'] * 1e3:.3f}", kv,
+                 f"{r['prefill_s'] * 1e3:.2f}", paired, f"{r['decode_s_per_tok'] * 1e3:.3f}", kv,
                  "yes" if r["kv_agree"] else "NO", f"{r['flops_total'] / 1e9:.3f}",
                  f"{r['flops_llm_fastv_formula'] / 1e9:.3f}"]
         if r is full:
@@ -161,8 +201,7 @@ def main(argv=None) -> dict:
             try:
                 spec = registry.make(name, budget, cfg)
                 row["spec"] = repr(spec)
-                row.update(bench_row(model, spec, ids, mask, px, new_tokens, repeats))
-                row["speedup"] = full["prefill_s"] / row["prefill_s"]
+                row.update(bench_row(model, spec, ids, mask, px, new_tokens, repeats, baseline))
                 row["flops_speedup"] = full["flops_total"] / row["flops_total"]
                 row["ratio"] = row["speedup"] / row["flops_speedup"]
                 row["pass"] = row["ratio"] >= TARGET_RATIO
@@ -170,7 +209,7 @@ def main(argv=None) -> dict:
             except Exception as e:  # noqa: BLE001 - a reducer that cannot run at this budget is reported, not fatal
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
-                table.append([name, budget] + [""] * 11 + ["error: " + row["error"].replace("|", "/")])
+                table.append([name, budget] + [""] * 12 + ["error: " + row["error"].replace("|", "/")])
             data["rows"].append(row)
             print(table[-1], flush=True)
     mismatched = [f"{r['reducer']}@{r['budget']}" for r in [full, *data["rows"]]
@@ -181,24 +220,30 @@ def main(argv=None) -> dict:
                                                                      " (CPU, fp32)"), "",
         f"- machine: {data['machine']}", f"- jax device: {data['device']}", f"- git: {data['git']}",
         f"- command: `{data['command']}`",
-        "- config: " + ("tiny (see json)" if a.tiny else "CLIP 6x256 (336 px, patch 14 -> 576 tokens), Llama 8x512 "
-                        "(inter 1376, vocab 32064)") + f"; batch {a.batch}, {PREFIX}-token prefix + image + "
-        f"{QUESTION}-token question, padded to {full['seq']} tokens (the model's 32-token bucket), random weights",
+        "- config: " + ("tiny (see json)" if a.tiny else describe_config(cfg))
+        + f"; batch {a.batch}, {PREFIX}-token prefix + image + {QUESTION}-token question, padded to {full['seq']} "
+        "tokens (the model's 32-token bucket), random weights",
         ("- prefill = jitted prefill to first-token logits (TTFT, vision tower included); decode = (generate("
          f"{new_tokens + 1}) - generate(1)) / {new_tokens}, EOS disabled, both on the same prefill program; "
          f"medians of {repeats}"),
         (f"- KV = DecodeState.kv_bytes of the real prefill (caches for {new_tokens + 1} new tokens), checked equal "
          "to flops.kv_cache_bytes (column 'KV = analytic')"),
         (f"- GFLOPs = flops.prefill_cost(...).total at the {full['text_tokens']} text tokens the model runs "
-         "(vision + projector + LLM: SwiGLU, GQA, LM head on the last token) plus any shallow prefill "
+         "(vision + projector + LLM: SwiGLU, GQA, LM head on the last token; in-LLM cuts that score with the "
+         "next layer's attention add its key projection and their score rows, PrefillCost.llm_cuts) plus any "
+         "shallow prefill "
          "(ConsensusDrop source='shallow'); 'LLM GFLOPs (FastV formula)' = FastV's L(4nd^2 + 2n^2d + 2ndm), "
          "LLM only, for comparison with papers"),
         ("- avg visual = visual tokens averaged over the decoder layers (in-LLM cuts: budget = that average "
          "for multi-cut methods, tokens after the cut for FastV-style ones; see jaxprune.reducers.registry)"),
-        "- realized = t_full / t; FLOPs speedup = GFLOPs_full / GFLOPs; ratio = realized / FLOPs speedup", "",
-        md_table(["reducer", "budget", "stages", "avg visual", "prefill ms", "decode ms/tok", "KV MiB",
+        ("- realized = median over the row's interleaved pairs of t_full / t (the full prefill re-timed next to "
+         f"each row, {repeats} pairs); FLOPs speedup = GFLOPs_full / GFLOPs; ratio = realized / FLOPs speedup"),
+        "",
+        md_table(["reducer", "budget", "stages", "avg visual", "prefill ms", "full prefill ms (paired)",
+                  "decode ms/tok", "KV MiB",
                   "KV = analytic", "GFLOPs", "LLM GFLOPs (FastV formula)", "realized speedup", "FLOPs speedup",
                   "ratio", f">= {TARGET_RATIO}"], table),
+        *[f"- note: {n}" for n in a.note],
         "", f"Target: realized prefill speedup >= {TARGET_RATIO} x the analytic FLOPs speedup at each budget.",
         "", "![prefill vs visual tokens]({png})", ""])
     base = br.out_base(a.out, "budgets_cpu", a.tiny)
@@ -206,8 +251,8 @@ def main(argv=None) -> dict:
         png = br.with_suffix(base, ".png")
         md = md.replace("{png}", png.name)
         base.parent.mkdir(parents=True, exist_ok=True)
-        plot(data["rows"], full, png, "prefill time vs visual tokens" + (" (tiny)" if a.tiny else
-                                                                          " (bench config, CPU fp32)"))
+        plot(data["rows"], full, png, "prefill time vs visual tokens" + (
+            " (tiny)" if a.tiny else f" ({cfg.text.num_hidden_layers}-layer bench config, CPU fp32)"))
         md_path, js_path = br.write_outputs(base, md, data)
         data["files"] = {"md": str(md_path), "json": str(js_path), "png": str(png)}
         print(f"wrote {md_path}, {png}")

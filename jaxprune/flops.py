@@ -11,6 +11,14 @@ Two LLM counts, labelled:
 
 The vision tower (layers up to the feature layer, with fewer tokens after an in-tower cut) and the
 projector are counted separately, so "vision included" speedups are honest.
+
+``llm_cuts`` is the selection work of in-LLM cuts that the decoder count does not include: for methods
+that score with the NEXT layer's attention (``needs_next_qk``: PyramidDrop, VisionDrop stage B), layer
+K's RMSNorm + key projection of every token, its query projection for the scored rows
+(``next_q_rows``: 1 for PyramidDrop, the V visual tokens for VisionDrop) and the score logits
+``rows x T`` (the layer after the cut then projects the kept tokens again, as the official codes do).
+Selections on states the decoder already computed -- FastV's one score row from layer K-1's q/k, DART's
+key norms and ``P x V`` cosines, ADSC's fixed strides -- are below 0.1% of a layer and not counted.
 """
 
 from __future__ import annotations
@@ -28,10 +36,11 @@ class PrefillCost:
     llm_fastv_formula: float
     segments: tuple[tuple[int, int], ...]  # (num_layers, sequence length) per decoder segment
     visual_tokens: tuple[int, ...]         # visual tokens per row in each segment
+    llm_cuts: float = 0.0                  # selection work at in-LLM cuts (next-layer q/k, score rows)
 
     @property
     def total(self) -> float:
-        return self.vision + self.projector + self.llm_swiglu
+        return self.vision + self.projector + self.llm_swiglu + self.llm_cuts
 
     @property
     def average_visual_tokens(self) -> float:
@@ -51,6 +60,18 @@ def _llm_layer(cfg: LlavaConfig, t: int) -> float:
     attn = 2 * 2 * t * t * q
     mlp = 2 * 3 * t * c.hidden_size * c.intermediate_size
     return proj + attn + mlp
+
+
+def _cut_cost(cfg: LlavaConfig, r, t: int, v: int) -> float:
+    """Selection FLOPs of the in-LLM cut ``r`` on a ``t``-token sequence with ``v`` visual tokens (see the
+    module docstring): next-layer key projection of every token, query projection and score logits of the
+    scored rows. RMSNorm, RoPE and softmax (O(t H)) are left out, as in :func:`_llm_layer`."""
+    if not getattr(r, "needs_next_qk", False):
+        return 0.0
+    c = cfg.text
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    rows = {"all": t, "last": 1, "visual": v}[r.next_q_rows]
+    return 2 * t * c.hidden_size * kv + 2 * rows * c.hidden_size * q + 2 * rows * t * q
 
 
 def _fastv_layer(cfg: LlavaConfig, n: int) -> float:
@@ -82,16 +103,18 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
     projector = 2 * per_image_proj * (v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size ** 2)
     k = visual_budget(cfg, reducers) if reducers else cfg.tokens_per_image
     counts = check_llm_reducers(cfg, reducers, None, images, k)
-    cuts = [r.layer for r in reducers if r.stage == "llm"] + [cfg.text.num_hidden_layers]
+    llm_cuts = [r for r in reducers if r.stage == "llm"]
+    cuts = [r.layer for r in llm_cuts] + [cfg.text.num_hidden_layers]
     segs, start = [], 0
     for c, stop in zip(counts, cuts):
         segs.append((stop - start, text_tokens + c))
         start = stop
     llm = sum(n * _llm_layer(cfg, t) for n, t in segs) + 2 * cfg.text.hidden_size * cfg.text.vocab_size
     fv = sum(n * _fastv_layer(cfg, t) for n, t in segs)
+    cut = sum(_cut_cost(cfg, r, text_tokens + c, c) for r, c in zip(llm_cuts, counts))
     return PrefillCost(vision=batch * images * vision, projector=batch * images * projector,
                        llm_swiglu=batch * llm, llm_fastv_formula=batch * fv, segments=tuple(segs),
-                       visual_tokens=tuple(counts))
+                       visual_tokens=tuple(counts), llm_cuts=batch * cut)
 
 
 def kv_cache_bytes(cfg: LlavaConfig, cost: PrefillCost, batch: int, new_tokens: int, itemsize: int = 2) -> int:

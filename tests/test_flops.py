@@ -31,6 +31,11 @@ def model():
     lambda R: R.fastv(layer=2, keep=16),
     lambda R: R.compose(R.visionzip(10, 6), R.fastv(layer=1, keep=8)),
     lambda R: R.compose(R.visiondrop_vision(8, 4, vision_layer=1), R.fastv(layer=3, keep=5)),
+    # multi-cut in-LLM methods; PyramidDrop / VisionDrop add the next layer's q/k at each cut (llm_cuts)
+    lambda R: R.pyramiddrop((1, 2, 3), (0.5, 0.25, 0.125), total=64),
+    lambda R: R.visiondrop_llm((1, 3), ((20, 4), (10, 2))),
+    lambda R: R.adsc((1, 2), (32, 16)),
+    lambda R: R.dart(layer=2, keep=16),
 ])
 def test_flops_match_xla_cost_analysis(model, make):
     r = make(jp.reducers)

@@ -180,6 +180,7 @@ def test_schedule_arithmetic_by_hand():
 @pytest.mark.parametrize("call,match", [
     (lambda: adsc_plan(600), r"average=600 must be in \["),
     (lambda: adsc_plan(20), r"average=20 must be in \[36.938"),
+    (lambda: adsc_plan(64, num_layers=8), r"average=64 must be in \[72.875, 576\).*deeper decoder is needed"),
     (lambda: adsc_plan(100, num_layers=4, total=144, mode="grid", layers=(1,)), r"no grid schedule on 12x12"),
     (lambda: adsc_plan(192, layers=(8, 2)), r"strictly increasing"),
     (lambda: adsc((1, 2), (20, 30)), r"grows the visual token count \(20 -> 30\)"),

@@ -4,6 +4,7 @@ end to end; schedules and errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -15,7 +16,7 @@ import pytest
 import jaxprune as jp
 from jaxprune import generate as gen
 from jaxprune.reducers import BudgetError, compose
-from jaxprune.reducers.llm import LLMContext
+from jaxprune.reducers.llm import LLMContext, next_q_index
 from jaxprune.reducers.plan import run_forward
 from jaxprune.reducers.pyramiddrop import (PyramidDropCut, average_visual_tokens, pyramiddrop,
                                            pyramiddrop_for_average, scale_layers)
@@ -52,6 +53,15 @@ def random_llm_context(seed: int, B: int = 1, V: int = 24, prefix: int = 3, n_te
                       visual_index=jnp.asarray(vis_idx), visual_valid=jnp.asarray(vis_ok),
                       last_index=jnp.asarray(last), prev_q=f(B, T, N, hd), prev_k=f(B, T, Kv, hd),
                       next_q=f(B, T, N, hd), next_k=f(B, T, Kv, hd), normed=f(B, T, H))
+
+
+def for_spec(ctx: LLMContext, spec) -> LLMContext:
+    """The context the machinery hands ``spec``: ``next_q`` holds only the rows it declares (``next_q_rows``);
+    the random contexts above carry every row (the NumPy references read them from there)."""
+    idx = next_q_index(spec.next_q_rows, ctx.last_index, ctx.visual_index)
+    if idx is None:
+        return ctx
+    return dataclasses.replace(ctx, next_q=jnp.take_along_axis(ctx.next_q, idx[..., None, None], axis=1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,7 +104,7 @@ def official_row(ctx: LLMContext, i: int, keep: int):
 
 
 SPEC = PyramidDropCut(layer=2, keep=9)
-run_spec = jax.jit(SPEC)  # shared by the tests below (one compile per input shape)
+run_spec = jax.jit(lambda c: SPEC(for_spec(c, SPEC)))  # shared by the tests below (one compile per input shape)
 
 
 def test_official_transcription_50_seeds():
@@ -129,10 +139,10 @@ def test_batched_equals_rows_and_official():
 def test_one_trace_and_no_callbacks():
     spec = PyramidDropCut(layer=1, keep=6)
     chex.clear_trace_counter()
-    f = jax.jit(chex.assert_max_traces(lambda c: spec(c), n=1))
+    f = jax.jit(chex.assert_max_traces(lambda c: spec(for_spec(c, spec)), n=1))
     for s in range(20):
         jax.block_until_ready(f(random_llm_context(100 + s, B=2, n_text=[3, 5])).tokens)
-    assert_no_callbacks(spec, random_llm_context(0, B=2, n_text=[3, 5]))
+    assert_no_callbacks(spec, for_spec(random_llm_context(0, B=2, n_text=[3, 5]), spec))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,6 +303,11 @@ def test_for_average_scaled_and_author_example():
         pyramiddrop_for_average(128, layers=(8, 16, 24))  # >= 144 with the released layers (issue #10)
     with pytest.raises(BudgetError, match="not reachable"):
         pyramiddrop_for_average(32, num_layers=4, total=P)
+    # 8 layers: cuts after 1 / 2 / 4; the first layer alone averages 576 / 8 = 72, and the last stage keeps >= 1
+    with pytest.raises(BudgetError, match=r"averages lie in \[83.2, 576\).*deeper decoder is needed"):
+        pyramiddrop_for_average(64, num_layers=8)
+    assert pyramiddrop_for_average(84, num_layers=8).reducers[-1].keep >= 1
+    assert [c.keep for c in pyramiddrop_for_average(64, num_layers=32).reducers] == [110, 21, 4]
 
 
 @pytest.mark.parametrize("make,match", [

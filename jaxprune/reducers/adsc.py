@@ -290,8 +290,13 @@ def adsc_plan(average: float, num_layers: int = 32, total: int = 576, mode: str 
         raise BudgetError(f"adsc_plan: layers must be strictly increasing, got {layers}")
     lowest = _average(layers, [1] * len(layers), L, N)
     if not lowest <= average < N:
+        hint = ""
+        if average < lowest:
+            hint = (f": the first {layers[0]} layer(s) always see all {N} tokens ({N * layers[0] / L:g} on average) "
+                    "and every cut keeps at least one; " + ("cut earlier" if layers[0] > 1 else
+                                                           "a deeper decoder is needed (LLaVA-1.5 has 32 layers)"))
         raise BudgetError(f"adsc_plan: average={average} must be in [{lowest:.3f}, {N}) for cuts after layers "
-                          f"{layers} of {L} with {N} visual tokens")
+                          f"{layers} of {L} with {N} visual tokens{hint}")
     rho = _solve_rho(average, layers, L, N)
     targets = [N * rho ** (i + 1) for i in range(len(layers))]
     if mode == "raster":

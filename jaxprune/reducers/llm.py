@@ -2,10 +2,11 @@
 
 An LLM-stage reducer has ``stage = "llm"`` and ``layer = K`` (cut after K decoder layers, 1 <= K <
 num_layers). At the cut it sees an :class:`LLMContext` — the hidden states, the visual slots, the
-post-RoPE q/k of layer K-1 (the last one run) and, if it asks (``needs_next_qk``), of layer K
-recomputed on the current hidden states — and returns an :class:`LLMReduced`: which visual tokens go
-on (``slots`` into the row's visual pool, in output order) and their hidden states (gathered or
-merged). The machinery then
+post-RoPE q/k of layer K-1 (the last one run) and, if it asks (``needs_next_qk``), layer K's post-RoPE
+keys of every token and queries of the rows it scores (``next_q_rows``: all tokens, the last valid
+token, or the visual slots), computed on the current hidden states — and returns an
+:class:`LLMReduced`: which visual tokens go on (``slots`` into the row's visual pool, in output order)
+and their hidden states (gathered or merged). The machinery then
 
 * drops the other visual slots and writes the new visual tokens, in order, into the remaining
   visual slots (so ``[prefix | visual | suffix]`` keeps its layout), text untouched;
@@ -15,7 +16,11 @@ merged). The machinery then
 * runs layers ``[K, ...)`` on the shorter static sequence with their own, smaller KV cache.
 
 Attention scores are recomputed only for the query rows a method needs
-(:func:`~jaxprune.models.attention.attention_rows`); the main attention stays fused.
+(:func:`~jaxprune.models.attention.attention_rows`); the main attention stays fused. Layer K's queries
+are projected only for those rows too (``next_q_rows``): a full-sequence ``q`` at the cut is one extra
+``T x H x H`` matmul per cut that XLA cannot prune after the fact (it was 0.35 GFLOP at T = 672 on the
+bench config). That work and the rest of the selection are counted by :func:`jaxprune.flops.prefill_cost`
+(``llm_cuts``).
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ class LLMContext:
     last_index: jax.Array      # [B] int32 last valid token (the last instruction token)
     prev_q: jax.Array          # [B, T, N, hd] post-RoPE queries of layer K-1
     prev_k: jax.Array          # [B, T, Kv, hd] post-RoPE keys of layer K-1
-    next_q: jax.Array | None   # [B, T, N, hd] layer K's queries on ``hidden`` (if needs_next_qk)
-    next_k: jax.Array | None   # [B, T, Kv, hd]
+    next_q: jax.Array | None   # [B, R, N, hd] layer K's post-RoPE queries on ``hidden`` (if needs_next_qk) at
+    #                            the reducer's ``next_q_rows``: R = T ("all"), 1 ("last": last_index), V ("visual")
+    next_k: jax.Array | None   # [B, T, Kv, hd] layer K's post-RoPE keys of every token (if needs_next_qk)
     normed: jax.Array          # [B, T, H] the final RMSNorm applied to ``hidden`` (DART's space)
 
     @property
@@ -82,6 +88,9 @@ class LLMReducerBase(ReducerBase):
     stage: ClassVar[str] = "llm"
     positions: ClassVar[str] = "keep"
     needs_next_qk: ClassVar[bool] = False
+    #: rows of ``LLMContext.next_q`` (with ``needs_next_qk``): "all" (every token, ``[B, T, N, hd]``), "last" (the
+    #: last valid token, ``[B, 1, N, hd]``) or "visual" (the visual slots in pool order, ``[B, V, N, hd]``)
+    next_q_rows: ClassVar[str] = "all"
 
     def output_visual(self, available: int) -> int:
         """Visual tokens per row after the cut (validates the budget against ``available``)."""
@@ -128,18 +137,46 @@ def _visual_slots(is_visual: jax.Array, n: int):
     return order.astype(jnp.int32)
 
 
+NEXT_Q_ROWS = ("all", "last", "visual")
+
+
+def next_q_index(rows: str, last_index: jax.Array, visual_index: jax.Array) -> jax.Array | None:
+    """Sequence slots ``[B, R]`` of the ``next_q`` rows a reducer declares (None for "all")."""
+    if rows == "all":
+        return None
+    if rows == "last":
+        return last_index[:, None]
+    if rows == "visual":
+        return visual_index
+    raise ValueError(f"next_q_rows={rows!r} is not one of {NEXT_Q_ROWS}")
+
+
+def _next_qk(m: LlavaModule, r, h, positions, index):
+    """Layer ``r.layer``'s post-RoPE keys of every token ``[B, T, Kv, hd]`` and queries of the slots ``index
+    [B, R]`` (all tokens when None), on the hidden states ``h`` entering it: the model's own RMSNorm,
+    projections and RoPE (:meth:`LlamaAttention.qkv`), called on the rows needed; the unused outputs of
+    each call (q and v of the key call, k and v of the query call) are dead code that XLA drops."""
+    layer = m.language.layers[r.layer]
+    x = layer.input_layernorm(h)
+    cos, sin = m.language.rope(positions)
+    q, k, _ = layer.self_attn.qkv(x, cos, sin)
+    if index is not None:
+        take = lambda a: jnp.take_along_axis(a, index[..., None], axis=1)
+        q = layer.self_attn.qkv(take(x), take(cos), take(sin))[0]
+    return q, k
+
+
 def _cut(m: LlavaModule, r, h, valid, positions, vis_idx, vis_valid, qk):
     """Apply one cut. Returns the new ``(h, valid, positions, vis_idx, vis_valid)`` and the kept mask
     (over the old sequence; for the mask-equivalence test)."""
     B, T, _ = h.shape
     next_q = next_k = None
+    last = gen.last_valid_index(valid)
     if r.needs_next_qk:
-        layer = m.language.layers[r.layer]
-        cos, sin = m.language.rope(positions)
-        next_q, next_k, _ = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+        next_q, next_k = _next_qk(m, r, h, positions, next_q_index(r.next_q_rows, last, vis_idx))
     ctx = LLMContext(hidden=h, valid=valid, positions=positions, visual_index=vis_idx, visual_valid=vis_valid,
-                     last_index=gen.last_valid_index(valid), prev_q=qk[0], prev_k=qk[1], next_q=next_q,
-                     next_k=next_k, normed=m.language.norm(h))
+                     last_index=last, prev_q=qk[0], prev_k=qk[1], next_q=next_q, next_k=next_k,
+                     normed=m.language.norm(h))
     red: LLMReduced = r(ctx)
     V, V2 = vis_idx.shape[1], red.slots.shape[1]
     rows = jnp.arange(B)[:, None]

@@ -52,10 +52,13 @@ layers) that gives
 
 Deviations from the official code:
   * The score row is computed from layer ``l``'s q/k recomputed by the machinery (``needs_next_qk``,
-    the same RMSNorm + projections + RoPE) and :func:`~jaxprune.models.attention.attention_rows`; the
-    official code does the same one-row matmul. Grouped-query attention (the official Llama-7B has none):
-    query head ``n`` uses key head ``n // (N / Kv)``, as HF ``repeat_kv``. Scores stay float32 (the official code casts the softmax
-    back to fp16 before averaging and ranking, which creates ties), ties go to the lower index.
+    the same RMSNorm + projections + RoPE; keys of every token, the query of the last valid token only,
+    ``next_q_rows = "last"``) and :func:`~jaxprune.models.attention.attention_rows`; the official code
+    does the same one-row matmul. Layer ``l`` then recomputes the keys of the kept tokens (as the official
+    code does); :func:`jaxprune.flops.prefill_cost` counts the scoring work (``llm_cuts``). Grouped-query
+    attention (the official Llama-7B has none): query head ``n`` uses key head ``n // (N / Kv)``, as HF
+    ``repeat_kv``. Scores stay float32 (the official code casts the softmax back to fp16 before averaging and
+    ranking, which creates ties), ties go to the lower index.
   * Batches: any padding side (the official code is right padding only), each row's last valid token is
     the query; rows may hold several images: all visual tokens of the row form one pool (the official
     code handles one image per row). Visual slots a previous stage could not fill (``valid=False``) are
@@ -95,6 +98,7 @@ class PyramidDropCut(LLMReducerBase):
     keep: int
     positions: ClassVar[str] = "renumber"
     needs_next_qk: ClassVar[bool] = True
+    next_q_rows: ClassVar[str] = "last"  # only the last instruction token queries
 
     def __post_init__(self):
         check_layer(type(self).__name__, self.layer)
@@ -105,7 +109,7 @@ class PyramidDropCut(LLMReducerBase):
 
     def scores(self, ctx: LLMContext) -> jnp.ndarray:
         """``[B, V]``: head-mean attention of the last instruction token (layer K's q/k) to each visual slot."""
-        q_last = jnp.take_along_axis(ctx.next_q, ctx.last_index[:, None, None, None], axis=1)  # [B, 1, N, hd]
+        q_last = ctx.next_q  # [B, 1, N, hd]: the machinery projects layer K's query for the last valid token only
         T = ctx.valid.shape[1]
         causal = ctx.valid & (jnp.arange(T)[None] <= ctx.last_index[:, None])  # [B, T]
         p = attention_rows(q_last, ctx.next_k, causal)[:, :, 0, :].mean(axis=1)  # [B, T]
@@ -193,7 +197,11 @@ def pyramiddrop_for_average(budget: int, num_layers: int = 32, total: int = 576,
     Rule (the PDrop author's, issue #29): ratios ``lambda, lambda^2, ...`` of ``total`` after the cuts in
     ``layers`` (default ``(2, 8, 16)`` of 32 layers, scaled to ``num_layers`` with :func:`scale_layers`);
     ``lambda`` solves ``sum_s len_s * total * lambda^s = budget * num_layers`` (bisection, ``len_s`` =
-    layers in segment ``s``); counts ``int(total * lambda^s)`` as in the official code."""
+    layers in segment ``s``); counts ``int(total * lambda^s)`` as in the official code.
+
+    Reachable averages: ``[avg(total^(-1/m)), total)`` with ``m`` cuts (below, the last stage would keep no
+    token): 51.6 for (2, 8, 16) of 32 layers; 83.2 on an 8-layer decoder (cuts after 1, 2, 4), where 64 is
+    out of reach -- the first layer alone contributes ``576 / 8 = 72``. Raises :class:`BudgetError` outside."""
     check_budget("pyramiddrop_for_average.budget", budget)
     check_budget("pyramiddrop_for_average.total", total)
     if layers is None:
@@ -205,11 +213,15 @@ def pyramiddrop_for_average(budget: int, num_layers: int = 32, total: int = 576,
     def avg(lam: float) -> float:
         return total * sum(n * lam ** s for s, n in enumerate(lens)) / num_layers
 
-    lo_avg = avg(0.0)
-    if not lo_avg < budget < total:
+    # lowest average of the rule: the lambda whose last count int(total * lambda^m) is still one token
+    lo_avg = avg(total ** (-1.0 / len(layers)))
+    if not lo_avg <= budget < total:
+        hint = ("move the first cut earlier" if layers[0] > 1 else "the first cut is already after layer 1, so "
+                "a deeper decoder is needed (LLaVA-1.5 has 32 layers)")
         raise BudgetError(f"pyramiddrop_for_average: budget={budget} is not reachable with cuts after {list(layers)} "
-                          f"of {num_layers} layers: the average lies in ({lo_avg:g}, {total}) (the first "
-                          f"{layers[0]} layers always see all {total} tokens); move the first cut earlier")
+                          f"of {num_layers} layers: the rule's averages lie in [{lo_avg:.1f}, {total}) (the first "
+                          f"{layers[0]} layer(s) always see all {total} tokens, {total * layers[0] / num_layers:g} "
+                          f"on average, and every later stage keeps at least one token); {hint}")
     lo, hi = 0.0, 1.0
     for _ in range(100):
         mid = 0.5 * (lo + hi)

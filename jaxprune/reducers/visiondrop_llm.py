@@ -59,7 +59,8 @@ Deviations from the official code:
   * Grouped-query attention (the official Llama-7B has none): query head ``n`` uses key head
     ``n // (N / Kv)`` (HF ``repeat_kv``); ``metric`` averages the ``Kv`` key heads (``key_states.mean(0)``).
   * The image queries' scores are materialised for the ``N`` image rows only (``O(N * T)`` per head), not
-    through an eager ``output_attentions`` pass; the same numbers.
+    through an eager ``output_attentions`` pass; the same numbers. Layer ``l``'s queries are projected for
+    those rows only (``next_q_rows = "visual"``), its keys for every token.
   * Batches: any padding side (the official code is right padding only); several images in a row form one
     visual pool (the official code handles one image per row). Visual slots a previous stage could not
     fill (``valid=False``) are never dominant, never queries for the score, never targets and never
@@ -102,6 +103,7 @@ class VisionDropCut(LLMReducerBase):
     contextual: int
     positions: ClassVar[str] = "renumber"
     needs_next_qk: ClassVar[bool] = True
+    next_q_rows: ClassVar[str] = "visual"  # only the image tokens query
 
     def __post_init__(self):
         name = type(self).__name__
@@ -117,7 +119,7 @@ class VisionDropCut(LLMReducerBase):
 
     def scores(self, ctx: LLMContext) -> jnp.ndarray:
         """``[B, V]``: mean over valid image queries and heads of the attention each visual slot receives."""
-        q = ctx.visual(ctx.next_q).astype(jnp.float32)  # [B, V, N, hd] image queries
+        q = ctx.next_q.astype(jnp.float32)  # [B, V, N, hd] image queries (next_q_rows = "visual")
         k = ctx.next_k.astype(jnp.float32)  # [B, T, Kv, hd]
         B, V, N, hd = q.shape
         Kv, T = k.shape[2], k.shape[1]
