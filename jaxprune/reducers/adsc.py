@@ -13,7 +13,7 @@ What is NOT specified (so chosen here): the layers, the ratios, what "uniform" m
 the LoRA setup.
 
 **This module is the training-free form only** (the bottleneck schedule applied to the frozen
-model); LoRA fine-tuning with the curriculum is a separate piece of work. Reported by the paper
+model); LoRA fine-tuning with the curriculum: jaxprune.lora + experiments/train/adsc_lora.py. Reported by the paper
 (LLaVA-1.5-7B, *with* the LoRA stage): FLOPs -53.7%, peak KV cache -56.7%, 98.2% of the original
 performance at a "66.7% vision-token budget" (most likely 192 average tokens of 576: with ~100 text
 tokens, (192+100)/(576+100) = 0.43 matches the -56.7% KV figure); GQA 61 [3rd-party listing].
