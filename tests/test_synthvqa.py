@@ -193,7 +193,8 @@ def test_builtin_benchmark_and_default_switch(cache, standin, tmp_path, monkeypa
     cfg = builtin.default_sweep(tmp_path, batch_size=4)
     assert cfg.model == "synthvqa" and cfg.batch_size == 4 and cfg.benchmarks[0].name == "synthvqa"
     assert cfg.benchmarks[0].data == str(path) and cfg.runs[0].is_full
-    assert {r.name for r in cfg.reducers} >= {"fastervlm", "visionzip", "adafv", "consensusdrop", "random", "fastv"}
+    assert {r.name for r in cfg.reducers} == {r.split(":")[0] for r in builtin.DEFAULT_RUNS["synthvqa"].reducers}
+    assert {"random", "fastv", "fastervlm"} <= {r.name for r in cfg.reducers}
     assert all(r.budget in (16, 8) for r in cfg.reducers)
 
 
