@@ -25,7 +25,9 @@ VisionZip, VisionDrop, ConsensusDrop, AdaFV, ADSC and FastV at 192/128/64 visual
   attention, LM head on the last token) + ConsensusDrop's shallow prefill;
 * **decode bandwidth** = (decoder + LM-head weight bytes + whole KV cache bytes) per step / decode time, as a
   fraction of the device's HBM peak (every decode step reads all weights and every static cache slot);
-* **FLOPs speedup** = FLOPs_full / FLOPs and **realized** = TTFT_full / TTFT; ratio = realized / FLOPs speedup;
+* **FLOPs speedup** = FLOPs_full / FLOPs and **realized** = the median of TTFT_full / TTFT over pairs of runs
+  interleaved with the full model's prefill (ABBA order: load drift on a shared machine cannot fake it; a
+  reducer row's TTFT is the median of its paired runs); ratio = realized / FLOPs speedup;
 * **transformers** (same device, dtype, shapes; :mod:`experiments.bench_gpu_torch`): TTFT and decode of
   ``Llava(Next)ForConditionalGeneration`` with SDPA, the full model on HF's own path, pruned rows as the whole
   vision tower + the LLM at the pruned length (text + kept visual tokens as ``inputs_embeds``; layer-averaged
@@ -43,19 +45,17 @@ on GPU with bf16/fp16 -- ``jaxprune.models.attention`` leaves ``implementation=N
 this script sets it; a call cuDNN refuses at trace time falls back to XLA (counted in the row), and a row
 whose cuDNN program fails to compile is retried with XLA (recorded). CPU keeps the model's own CPU path.
 
-Isolation and robustness: by default each side runs in its own subprocess per model (jaxprune first, then
-transformers with the lengths jaxprune ran), so the two frameworks never share device memory and a crash
-(OOM) loses one row: finished rows are appended to JSON-lines files and a crashed worker is restarted on the
-remaining rows. Every row catches its own error. The report (``.md`` + ``.json``) is rewritten after every
-phase. ``--inprocess`` runs both sides in this process (CPU, tests). Files: this one (configs, peaks,
+Robustness: each side runs in its own subprocess per model (jaxprune, then transformers at the lengths
+jaxprune ran): the frameworks never share device memory, and a crash (OOM) loses one row (rows are appended
+to JSON-lines files; a crashed worker restarts on the rows left). Every row catches its own error; the report
+(``.md`` + ``.json``) is rewritten after every phase. ``--inprocess`` runs both sides in this process (CPU, tests). Files: this one (configs, peaks,
 orchestration), ``bench_gpu_jax.py`` (jaxprune worker), ``bench_gpu_torch.py`` (transformers worker),
 ``bench_gpu_report.py`` (derived figures, targets, markdown). The full GPU run is compile-bound (one prefill
 and up to two decode programs per row, 76 rows): budget an hour or two; ``--model`` / ``--batch`` /
 ``--reducers`` split it.
 
-CPU figures (no GPU in the session that built this): ``--size reduced`` = LLaVA-1.5 shapes scaled down
-(576 visual tokens, narrower / shallower towers; see :func:`reduced_config`), written to
-``experiments/results/gpu_cpu_reduced.md``; indicative only (shared machine). ``--tiny`` is the smoke test.
+CPU figures (built without a GPU): ``--size reduced`` (:func:`reduced_config`, 576 visual tokens) ->
+``experiments/results/gpu_cpu_reduced.md``, indicative only (shared machine). ``--tiny``: the smoke test.
 
     python -m experiments.bench_gpu [--model llava15|next|both] [--batch 1 16] [--budgets 192 128 64]
         [--next-budgets 640 320 160] [--reducers ...] [--size auto|full|reduced|tiny] [--tiny] [--dtype auto]
@@ -186,7 +186,9 @@ def _settings(a) -> dict:
 
 
 def _worker(module: str, plan: Path, out: Path, log: list, name: str) -> None:
-    p = subprocess.run([sys.executable, "-m", module, "--plan", str(plan), "--out", str(out)], cwd=ROOT,
+    env = dict(os.environ)  # a worker has the device to itself: let XLA take 90% (not 75%) of its memory
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    p = subprocess.run([sys.executable, "-m", module, "--plan", str(plan), "--out", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, check=False)
     log.append({"worker": name, "rc": p.returncode, "stderr_tail": p.stderr[-1500:]})
 
@@ -279,16 +281,16 @@ def parse(argv=None):
     ap.add_argument("--tiny", action="store_true", help="= --size tiny (smoke test; writes nothing without --out)")
     ap.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
     ap.add_argument("--attention", choices=("auto", "cudnn", "xla", "default"), default="auto")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (5; reduced 3; tiny 1)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="N of the decode rate (32; reduced 8; tiny 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (5; tiny 1)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="N of the decode rate (32; reduced 16; tiny 2)")
     ap.add_argument("--inprocess", action="store_true", help="both sides in this process (no workers)")
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers side")
     ap.add_argument("--out", default=None, help="results stem (under experiments/results) or path")
     a = ap.parse_args(argv)
     a.platform_hint = _platform_hint()
     a.size = "tiny" if a.tiny else ("full" if a.platform_hint == "gpu" else "reduced") if a.size == "auto" else a.size
-    a.repeats = a.repeats or {"full": 5, "reduced": 3, "tiny": 1}[a.size]
-    a.new_tokens = a.new_tokens or {"full": 32, "reduced": 8, "tiny": 2}[a.size]
+    a.repeats = a.repeats or {"full": 5, "reduced": 5, "tiny": 1}[a.size]
+    a.new_tokens = a.new_tokens or {"full": 32, "reduced": 16, "tiny": 2}[a.size]
     a.dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if a.platform_hint == "gpu" else "float32")
     return a
 

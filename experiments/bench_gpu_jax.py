@@ -219,7 +219,10 @@ def measure(model, spec, inp, new: int, repeats: int, timeit, baseline=None) -> 
     t0 = time.perf_counter()
     state = jax.block_until_ready(fn(*args, **kw, max_new_tokens=new + 1))
     out = {"first_call_s": time.perf_counter() - t0}
-    prefill = lambda: jax.block_until_ready(fn(*args, **kw, max_new_tokens=new + 1).first_logits)  # noqa: E731
+
+    def prefill():
+        return jax.block_until_ready(fn(*args, **kw, max_new_tokens=new + 1).first_logits)
+
     if baseline is None:
         out["ttft_s"] = timeit(prefill, repeats)
     else:  # interleaved with the full model's prefill: a speedup that machine-load drift cannot fake

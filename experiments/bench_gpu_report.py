@@ -129,9 +129,13 @@ def markdown(a, data: dict) -> str:
              "unknown device, e.g. CPU); HF pruned rows = whole tower + LLM at text + the LLM visual count "
              "(layer-averaged for in-LLM methods)")]
     if cpu and a.size != "tiny":
-        lines += [("- **CPU stand-in**: reduced widths/depths (see json `configs`), fp32, a shared 2-core machine: "
-                  "indicative only. The target figures need `python -m experiments.bench_gpu --model both --batch 1 16` "
-                  "on a GPU (writes `gpu_<device>.md`).")]
+        lines += [("- **CPU stand-in, not the target run**: reduced widths/depths (json `configs`), fp32, batch 1, on a "
+                   "shared 2-core machine whose load swung between ~3 and ~13 during the run. Reliable here: KV bytes, "
+                   "XLA-plan memory, FLOPs, sequence lengths, and the *paired* realized speedups (each reducer's "
+                   "prefill interleaved with the full model's). Not reliable: absolute times and the jaxprune / "
+                   "transformers ratios (the two sides run minutes apart, in different processes, under different "
+                   "load). The targets need `python -m experiments.bench_gpu --model both --batch 1 16` on a GPU "
+                   "(writes `gpu_<device>.md`).")]
     lines += ["", "## Targets", "", md_table(["target", "row", "value", "verdict"], targets(data)), ""]
     for m in dict.fromkeys(r["model"] for r in data["rows"]):
         for b in data["batches"]:
