@@ -7,7 +7,9 @@ folder and run with :func:`experiments.eval.sweep.run_sweep` (the same prompts, 
 decoding and scorer as ``jaxprune-eval``): the full model, then every reducer of
 :func:`jaxprune.reducers.registry.names` at each budget. Budgets are for the model's 144 visual tokens:
 48/32/16/8 = LLaVA-1.5's 192/128/64/32 of 576. For multi-cut in-LLM methods the budget is the average
-over the decoder's layers; averages a 4-layer decoder cannot reach are reported as "n/a" with the reason.
+over the decoder's layers; averages a 4-layer decoder cannot reach are reported as "n/a" with the reason,
+and their ``*_final`` registry variants (``pyramiddrop_final``, ``adsc_final``: ``budget`` = tokens left after
+the last cut, same cut layers) give those methods a row at every budget.
 The table gives mean +- sample standard deviation over seeds (accuracy in %), and the per-type accuracy
 of every run is in the JSON.
 """

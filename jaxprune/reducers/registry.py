@@ -7,7 +7,11 @@
   DART's official count rule adds its 4 image pivots: 64 -> 68);
 * multi-cut in-LLM methods (PyramidDrop, VisionDrop, ADSC): ``budget`` = the *average* number of
   visual tokens over the decoder layers (cut layers scale with ``cfg``'s depth). Averages a shallow
-  decoder cannot reach raise :class:`~jaxprune.reducers.base.BudgetError`.
+  decoder cannot reach raise :class:`~jaxprune.reducers.base.BudgetError`;
+* ``pyramiddrop_final`` / ``adsc_final``: the same cut layers, but ``budget`` = the visual tokens left
+  after the *last* cut, reached geometrically (cut ``s`` of ``m`` keeps ``round(N * (budget/N)^(s/m))``,
+  PyramidDrop's constant-ratio shape). Every ``1 <= budget < N`` is reachable at any depth, so shallow
+  models (the 4-layer synthetic-VQA LLaVA) get a row at every budget; a table must say which kind it uses.
 
 ``budget`` is an absolute count for ``cfg``'s tower (576 tokens for LLaVA-1.5); pass the equivalent
 count for other towers. :func:`jaxprune.flops.prefill_cost` reports every spec's average visual
@@ -26,6 +30,46 @@ def _depth(c: LlavaConfig) -> int:
     return c.text.num_hidden_layers
 
 
+def final_keeps(budget: int, total: int, cuts: int) -> tuple[int, ...]:
+    """Non-increasing counts after ``cuts`` cuts, geometric from ``total`` and ending exactly at ``budget``:
+    ``round(total * (budget / total) ** (s / cuts))`` for ``s = 1..cuts`` (never below ``budget``)."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget < total:
+        raise R.BudgetError(f"final-token budget {budget!r} must be an integer in [1, {total}) (the visual "
+                            f"tokens of one image)")
+    keeps, prev = [], total
+    for s in range(1, cuts + 1):
+        k = budget if s == cuts else round(total * (budget / total) ** (s / cuts))
+        prev = min(prev, max(budget, k))
+        keeps.append(prev)
+    return tuple(keeps)
+
+
+def _strict(layers, keeps, total: int) -> list[tuple[int, int]]:
+    """The ``(layer, keep)`` cuts that drop tokens (a cut keeping every token it gets is a no-op)."""
+    out, prev = [], total
+    for l, k in zip(layers, keeps):
+        if k < prev:
+            out.append((l, k))
+            prev = k
+    return out
+
+
+def _pyramiddrop_final(b: int, c: LlavaConfig):
+    from jaxprune.reducers.pyramiddrop import AVERAGE_LAYERS, PyramidDropCut, scale_layers
+
+    layers = scale_layers(AVERAGE_LAYERS, _depth(c))
+    pairs = _strict(layers, final_keeps(b, c.tokens_per_image, len(layers)), c.tokens_per_image)
+    return R.compose(*(PyramidDropCut(layer=l, keep=k) for l, k in pairs))
+
+
+def _adsc_final(b: int, c: LlavaConfig):
+    from jaxprune.reducers.adsc import default_layers
+
+    layers = default_layers(_depth(c))
+    pairs = _strict(layers, final_keeps(b, c.tokens_per_image, len(layers)), c.tokens_per_image)
+    return R.adsc(tuple(l for l, _ in pairs), tuple(k for _, k in pairs))
+
+
 _FACTORIES: dict[str, Callable[[int, LlavaConfig], object]] = {
     "fastervlm": lambda b, c: R.fastervlm(b),
     "visionzip": lambda b, c: R.visionzip.for_budget(b),
@@ -41,6 +85,8 @@ _FACTORIES: dict[str, Callable[[int, LlavaConfig], object]] = {
     "pyramiddrop": lambda b, c: R.pyramiddrop_for_average(b, num_layers=_depth(c), total=c.tokens_per_image),
     "visiondrop": lambda b, c: R.visiondrop_schedule(b, num_layers=_depth(c)),
     "adsc": lambda b, c: R.adsc_schedule(b, num_layers=_depth(c), total=c.tokens_per_image),
+    "pyramiddrop_final": _pyramiddrop_final,
+    "adsc_final": _adsc_final,
     "adsc_grid": lambda b, c: R.adsc_schedule(b, num_layers=_depth(c), total=c.tokens_per_image, mode="grid"),
 }
 
