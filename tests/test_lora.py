@@ -294,7 +294,8 @@ def test_training_loop_with_curriculum(data):
     n = tr.step_fn._cache_size()
     adapters, info = train(model(), tokenizer(), data, image_config(None, CFG), LCFG, settings(), tr,
                            log=lambda m: None)
-    assert tr.step_fn._cache_size() == n  # the phase's reducer is CUT: no new compile
+    # the phase's reducer is CUT: one program in all, whether or not the step test compiled it first (xdist order)
+    assert tr.step_fn._cache_size() == max(n, 1)
     assert info["budget_kind"] == "final" and info["phases"] == [
         {"start": 0, "stop": 4, "budget": 4, "layers": [1, 2], "keeps": [12, 4], "average": (36 + 12 + 4) / 3}]
     assert [r["step"] for r in info["steps"]] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in info["steps"])

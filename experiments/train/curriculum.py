@@ -116,17 +116,14 @@ def budget_at(bounds: list[tuple[int, int, int]], step: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------
 def final_plan(budget: int, num_layers: int, total: int, layers=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``kind="final"`` schedule: ``(layers, keeps)`` with a fixed ratio per cut ending at ``budget`` tokens."""
+    """``kind="final"`` schedule: ``(layers, keeps)`` with a fixed ratio per cut ending at ``budget`` tokens
+    (:func:`jaxprune.reducers.registry.final_keeps`; with the default layers this is the registry's ``adsc_final``)."""
+    from jaxprune.reducers.registry import final_keeps
+
     layers = default_layers(num_layers) if layers is None else tuple(layers)
     if not 1 <= budget < total:
         raise BudgetError(f"final budget {budget} must be in [1, {total})")
-    m = len(layers)
-    keeps, prev = [], total
-    for i in range(m):
-        k = budget if i == m - 1 else round(total * (budget / total) ** ((i + 1) / m))
-        prev = min(prev, max(budget, k))
-        keeps.append(prev)
-    return _drop_noops(layers, tuple(keeps), total)
+    return _drop_noops(layers, final_keeps(budget, total, len(layers)), total)
 
 
 def _lowest_average(num_layers: int, total: int, layers=None) -> float:
