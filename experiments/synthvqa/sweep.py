@@ -92,6 +92,20 @@ def markdown(res: dict) -> str:
     names = sorted({r["reducer"] for r in rows if r["reducer"] != "full"})
     for n in names:
         lines.append(f"| {n} | " + " | ".join(_fmt(_acc(rows, n, b)) for b in budgets) + " |")
+    lines += ["", "Budgets: visual tokens reaching the LLM for pre-LLM methods; tokens kept after layer 2 for FastV "
+              "/ DART; the average over the 4 decoder layers for pyramiddrop / adsc / adsc_grid / visiondrop; "
+              "tokens left after the last cut for `*_final` (the same cut layers; see "
+              "`jaxprune.reducers.registry`)."]
+    small = min(budgets)
+    means = {n: statistics.mean(a) for n in names if (a := _acc(rows, n, small))}
+    if "random" in means and len(means) > 1:
+        best = max((n for n in means if n != "random"), key=means.get)
+        ab, ar = _acc(rows, best, small), _acc(rows, "random", small)
+        sd = (statistics.stdev(ab) ** 2 / len(ab) + statistics.stdev(ar) ** 2 / len(ar)) ** 0.5 if min(
+            len(ab), len(ar)) > 1 else float("nan")
+        lines += ["", f"At the smallest budget ({small} tokens): best reducer **{best}** {_fmt(ab)} vs **random** "
+                  f"{_fmt(ar)}: margin {means[best] - means['random']:+.1f} points "
+                  f"({(means[best] - means['random']) / sd:.1f} standard errors of the difference of seed means)."]
     if res["skipped"]:
         lines += ["", "Not run (budget unreachable or error):", ""]
         seen = set()
@@ -111,7 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reducers", nargs="+", default=registry.names())
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=RESULTS / "synthvqa")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json (no runs)")
     a = ap.parse_args(argv)
+    if a.render:
+        a.out.with_suffix(".md").write_text(markdown(json.loads(a.out.with_suffix(".json").read_text())))
+        return
     run(a.model, a.seeds, a.images, a.budgets, a.reducers, a.out, a.batch_size)
 
 
