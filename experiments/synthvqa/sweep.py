@@ -106,6 +106,18 @@ def markdown(res: dict) -> str:
         lines += ["", f"At the smallest budget ({small} tokens): best reducer **{best}** {_fmt(ab)} vs **random** "
                   f"{_fmt(ar)}: margin {means[best] - means['random']:+.1f} points "
                   f"({(means[best] - means['random']) / sd:.1f} standard errors of the difference of seed means)."]
+    types = list(next((r["score"].get("per_type", {}) for r in rows if r["reducer"] == "full"), {}))
+    for b in sorted({max(budgets), min(budgets)}, reverse=True):
+        lines += ["", f"Per question type at {b} tokens (mean over seeds; full model first):", "",
+                  "| reducer | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+        for n in ["full", *names]:
+            sel = [r for r in rows if r["reducer"] == n and r["budget"] == (None if n == "full" else b)]
+            if sel:
+                lines.append(f"| {n} | " + " | ".join(
+                    f"{statistics.mean(r['score']['per_type'].get(t, float('nan')) for r in sel):.0f}" for t in types)
+                    + " |")
+    lines += ["", "AdaFV (adafv) is run as the official code: a token chosen by both signals is fed to the LLM "
+              "twice (`AdaFV(dedupe=False)`), which the synthetic model's count readout is sensitive to."]
     if res["skipped"]:
         lines += ["", "Not run (budget unreachable or error):", ""]
         seen = set()
