@@ -48,6 +48,7 @@ tokens; with ``--out X`` the three files are ``X.md``, ``X.json``, ``X.png``). `
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import traceback
 
@@ -77,6 +78,15 @@ def shallow_flops(cfg, spec, seq: int, batch: int) -> float:
             total += ((k - 1) * flops._llm_layer(cfg, seq) + 2 * seq * c.hidden_size * (q + 2 * kv)
                       + 2 * rows * seq * q)
     return batch * total
+
+
+def release_programs(model) -> None:
+    """Drop the compiled reduced-prefill and decode programs of the rows done so far (the full model's own
+    prefill, the pairing baseline, stays). A full sweep compiles ~100 programs of a 32-layer decoder; kept
+    alive they exhausted the JIT's memory mappings on a 24 GiB machine ("LLVM compilation error: Cannot
+    allocate memory") after ~40 rows."""
+    for f in [*model.__dict__.get("_reduced_jits", {}).values(), model._decode]:
+        f.clear_cache()
 
 
 def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int, baseline=None) -> dict:
@@ -162,16 +172,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny config (smoke test)")
     ap.add_argument("--note", action="append", default=[], help="free-text note for the results file (repeatable)")
     ap.add_argument("--out", default=None, help="results stem or path (default budgets_cpu; none with --tiny)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the finished rows of OUT.json (written after every row) and run only the others")
     a = ap.parse_args(argv)
     cfg = br.tiny_config() if a.tiny else bench_config(num_layers=a.depth)
     repeats = a.repeats or (1 if a.tiny else 5)
     new_tokens = a.new_tokens or (2 if a.tiny else 32)
     budgets = br.scale_budgets(cfg, a.budgets)
     names = a.reducers or registry.names()
+    base = br.out_base(a.out, "budgets_cpu", a.tiny)
+    done: dict = {}
+    prior = None
+    if a.resume:
+        if base is None or not br.with_suffix(base, ".json").is_file():
+            raise SystemExit(f"--resume: no results file {None if base is None else br.with_suffix(base, '.json')}")
+        prior = json.loads(br.with_suffix(base, ".json").read_text())
+        if prior.get("config") != cfg.to_hf_dict() or prior.get("repeats") != repeats or prior.get(
+                "new_tokens") != new_tokens or prior.get("batch") != a.batch:
+            raise SystemExit("--resume: the results file was measured with another config / repeats / new tokens /"
+                             " batch; run without --resume")
+        done = {(r["reducer"], r["budget"]): r for r in prior["rows"] if "error" not in r}
     model = br.load_model(cfg)
     ids, mask, px = make_inputs(cfg, a.batch)
-    full = {"reducer": "full", "budget": cfg.tokens_per_image,
-            **bench_row(model, None, ids, mask, px, new_tokens, repeats)}
+    full = prior["full"] if prior else {"reducer": "full", "budget": cfg.tokens_per_image,
+                                        **bench_row(model, None, ids, mask, px, new_tokens, repeats)}
     run_full, _ = br.prefill_runner(model, None, ids, mask, px)
     n_full = new_tokens + 1
     baseline = lambda: jax.block_until_ready(run_full(n_full).first_logits)  # noqa: E731
@@ -195,8 +219,14 @@ def main(argv=None) -> dict:
 
     table = [fmt(full)]
     print(table[-1], flush=True)
+    if prior:
+        data["resumed_from"] = {"git": prior.get("git"), "command": prior.get("command"), "rows": len(done)}
     for name in names:
         for budget in budgets:
+            if (name, budget) in done:
+                data["rows"].append(done[(name, budget)])
+                table.append(fmt(done[(name, budget)]))
+                continue
             row = {"reducer": name, "budget": budget}
             try:
                 spec = registry.make(name, budget, cfg)
@@ -212,6 +242,10 @@ def main(argv=None) -> dict:
                 table.append([name, budget] + [""] * 12 + ["error: " + row["error"].replace("|", "/")])
             data["rows"].append(row)
             print(table[-1], flush=True)
+            release_programs(model)
+            if base is not None:  # every finished row is on disk: a crash loses at most the row it was in
+                base.parent.mkdir(parents=True, exist_ok=True)
+                br.with_suffix(base, ".json").write_text(json.dumps(dict(data, complete=False), indent=1, default=str))
     mismatched = [f"{r['reducer']}@{r['budget']}" for r in [full, *data["rows"]]
                   if "error" not in r and not r["kv_agree"]]
     data["kv_mismatch"] = mismatched
@@ -219,7 +253,9 @@ def main(argv=None) -> dict:
         "# Prefill / decode / KV / FLOPs vs visual-token budget" + (" (tiny smoke config)" if a.tiny else
                                                                      " (CPU, fp32)"), "",
         f"- machine: {data['machine']}", f"- jax device: {data['device']}", f"- git: {data['git']}",
-        f"- command: `{data['command']}`",
+        f"- command: `{data['command']}`" + (f" (resumed: {data['resumed_from']['rows']} rows from "
+                                              f"`{data['resumed_from']['command']}` at git {data['resumed_from']['git']})"
+                                              if "resumed_from" in data else ""),
         "- config: " + ("tiny (see json)" if a.tiny else describe_config(cfg))
         + f"; batch {a.batch}, {PREFIX}-token prefix + image + {QUESTION}-token question, padded to {full['seq']} "
         "tokens (the model's 32-token bucket), random weights",
@@ -246,7 +282,7 @@ def main(argv=None) -> dict:
         *[f"- note: {n}" for n in a.note],
         "", f"Target: realized prefill speedup >= {TARGET_RATIO} x the analytic FLOPs speedup at each budget.",
         "", "![prefill vs visual tokens]({png})", ""])
-    base = br.out_base(a.out, "budgets_cpu", a.tiny)
+    data["complete"] = True
     if base is not None:
         png = br.with_suffix(base, ".png")
         md = md.replace("{png}", png.name)
