@@ -125,6 +125,37 @@ def test_bench_budgets_rows_kv_and_plot(runs):
     assert len(data["rows"]) == len(names)
 
 
+def test_bench_budgets_saves_every_row_and_resumes(runs, tmp_path, monkeypatch):
+    """A crash mid-sweep keeps the finished rows on disk; --resume reruns only the missing ones."""
+    d, names, _, data = runs
+    out = tmp_path / "b"
+    js = out.with_suffix(".json")
+    first, second = names[0], names[1]
+    real = bench_budgets.bench_row
+
+    def crash_on_second(model, spec, *args, **kw):
+        if spec is not None and spec == registry.make(second, data["budgets"][0], model.cfg):
+            raise KeyboardInterrupt("simulated crash")
+        return real(model, spec, *args, **kw)
+
+    monkeypatch.setattr(bench_budgets, "bench_row", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        bench_budgets.main(["--tiny", "--budgets", BUDGET, "--reducers", first, second, "--out", str(out)])
+    saved = json.loads(js.read_text())
+    assert saved["complete"] is False and [r["reducer"] for r in saved["rows"]] == [first]
+    monkeypatch.setattr(bench_budgets, "bench_row", real)
+    calls = []
+    monkeypatch.setattr(bench_budgets, "bench_row", lambda m, spec, *a, **k: calls.append(spec) or real(m, spec, *a, **k))
+    res = bench_budgets.main(["--tiny", "--budgets", BUDGET, "--reducers", first, second, "--out", str(out), "--resume"])
+    assert calls == [registry.make(second, data["budgets"][0], bench_reducers.tiny_config())]  # full + first reused
+    assert res["complete"] and [r["reducer"] for r in res["rows"]] == [first, second]
+    assert res["rows"][0] == saved["rows"][0] and res["full"] == saved["full"]
+    assert "resumed: 1 rows" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="another config"):
+        bench_budgets.main(["--tiny", "--budgets", BUDGET, "--repeats", "2", "--reducers", first, "--out", str(out),
+                            "--resume"])
+
+
 @pytest.mark.slow
 def test_every_registered_reducer(runs, tmp_path):
     """Every registered reducer runs in both benchmarks (a few compiles each: minutes on 2 busy cores)."""

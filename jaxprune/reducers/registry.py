@@ -20,6 +20,7 @@ tokens over layers, so tables can state both numbers.
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 from jaxprune import reducers as R
@@ -33,9 +34,10 @@ def _depth(c: LlavaConfig) -> int:
 def final_keeps(budget: int, total: int, cuts: int) -> tuple[int, ...]:
     """Non-increasing counts after ``cuts`` cuts, geometric from ``total`` and ending exactly at ``budget``:
     ``round(total * (budget / total) ** (s / cuts))`` for ``s = 1..cuts`` (never below ``budget``)."""
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget < total:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or not 1 <= budget < total:
         raise R.BudgetError(f"final-token budget {budget!r} must be an integer in [1, {total}) (the visual "
                             f"tokens of one image)")
+    budget = int(budget)
     keeps, prev = [], total
     for s in range(1, cuts + 1):
         k = budget if s == cuts else round(total * (budget / total) ** (s / cuts))
