@@ -143,7 +143,6 @@ def test_bench_budgets_saves_every_row_and_resumes(runs, tmp_path, monkeypatch):
         bench_budgets.main(["--tiny", "--budgets", BUDGET, "--reducers", first, second, "--out", str(out)])
     saved = json.loads(js.read_text())
     assert saved["complete"] is False and [r["reducer"] for r in saved["rows"]] == [first]
-    monkeypatch.setattr(bench_budgets, "bench_row", real)
     calls = []
     monkeypatch.setattr(bench_budgets, "bench_row", lambda m, spec, *a, **k: calls.append(spec) or real(m, spec, *a, **k))
     res = bench_budgets.main(["--tiny", "--budgets", BUDGET, "--reducers", first, second, "--out", str(out), "--resume"])

@@ -44,7 +44,7 @@ def test_final_variants_reach_every_budget_on_a_shallow_decoder(name, layers, bu
     assert budget < cost.average_visual_tokens < 144
 
 
-def test_final_variant_generates_with_a_shrinking_cache():
+def test_final_variants_generate_on_a_batch():
     cfg = _cfg()
     model = jp.Llava.random(cfg, seed=0)
     rng = np.random.default_rng(0)
