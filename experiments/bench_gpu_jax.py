@@ -25,6 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
+from experiments.bench_common import timeit_paired
 from experiments.bench_gpu import PREFIX, QUESTION, device_peaks, model_config
 from jaxprune.config import LlavaConfig
 
@@ -198,18 +199,6 @@ def jax_worker(settings: dict, rows: list[dict], out: Path) -> None:
         print(json.dumps({k: v for k, v in rec.items() if k != "spec"}, default=str), flush=True)
 
 
-def paired_times(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
-    """Wall times of ``fa`` and ``fb`` in interleaved pairs (ABBA order, one warm-up each)."""
-    fa(), fb()
-    ta, tb = [], []
-    for i in range(repeats):
-        for f, ts in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-    return ta, tb
-
-
 def measure(model, spec, inp, new: int, repeats: int, timeit, baseline=None) -> dict:
     """One row's figures; ``baseline`` (the full model's prefill at this batch) makes the TTFT timing paired."""
     import jax
@@ -226,7 +215,7 @@ def measure(model, spec, inp, new: int, repeats: int, timeit, baseline=None) -> 
     if baseline is None:
         out["ttft_s"] = timeit(prefill, repeats)
     else:  # interleaved with the full model's prefill: a speedup that machine-load drift cannot fake
-        tf, tr = paired_times(baseline, prefill, repeats)
+        tf, tr = timeit_paired(baseline, prefill, repeats)
         out["ttft_s"], out["full_ttft_paired_s"] = statistics.median(tr), statistics.median(tf)
         out["paired_speedup"] = statistics.median(a / b for a, b in zip(tf, tr))
     out["prefill"] = prefill

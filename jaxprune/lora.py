@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.model import tree_path_name
+
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
@@ -105,23 +107,11 @@ def _params_of(model_or_params):
     return getattr(model_or_params, "params", model_or_params)
 
 
-def _path_name(path) -> str:
-    """Canonical dotted name of a pytree path into an ``nnx.State`` (or a nested dict)."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        # GetAttrKey('value') etc. (the Variable wrapper) carry no name
-    return ".".join(parts)
-
-
 def _kernels(params) -> dict[str, Any]:
     """Decoder linear kernels by prefix: ``{"language.layers.0.self_attn.q_proj": kernel}``."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name = _path_name(path)
+        name = tree_path_name(path)
         if name.startswith("language.layers.") and name.endswith(".kernel"):
             out[name[: -len(".kernel")]] = leaf
     return out
@@ -193,7 +183,7 @@ def apply_lora(params, adapters: Mapping[str, Any], cfg: LoraConfig):
     scale = cfg.scale
 
     def fold(path, w):
-        name = _path_name(path)
+        name = tree_path_name(path)
         if not name.endswith(".kernel"):
             return w
         ad = adapters.get(name[: -len(".kernel")])

@@ -38,6 +38,22 @@ def _path_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+def tree_path_name(path) -> str:
+    """Canonical dotted parameter name (``param_spec`` style) of a ``jax.tree_util`` key path into an
+    ``nnx.State`` or a nested dict; the ``Variable`` wrapper's ``value`` / ``raw_value`` step carries no name."""
+    keys = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            keys.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            keys.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("value", "raw_value"):
+            continue
+        else:
+            keys.append(str(getattr(k, "name", getattr(k, "key", k))))
+    return ".".join(keys)
+
+
 class Llava:
     """A LLaVA model with jitted forward and greedy generation. Build with :func:`jaxprune.load`."""
 

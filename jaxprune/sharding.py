@@ -50,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxprune.config import LlavaConfig
-from jaxprune.model import Llava
+from jaxprune.model import Llava, tree_path_name
 from jaxprune.models.llava import LlavaModule
 from jaxprune.models.param_spec import param_shapes
 
@@ -152,20 +152,6 @@ def partition_specs(cfg: LlavaConfig, model_axis: int, vision: str = "auto") -> 
     return out
 
 
-def _state_name(path) -> str:
-    keys = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            keys.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            keys.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("value", "raw_value"):
-            continue
-        else:
-            keys.append(str(getattr(k, "name", getattr(k, "key", k))))
-    return ".".join(keys)
-
-
 def state_shardings(cfg: LlavaConfig, mesh: Mesh, vision: str = "auto", dtype=jnp.float32):
     """A pytree shaped like the model's ``nnx.State`` whose leaves are the parameters' ``NamedSharding``s
     (usable as ``out_shardings`` / ``device_put`` target)."""
@@ -173,7 +159,7 @@ def state_shardings(cfg: LlavaConfig, mesh: Mesh, vision: str = "auto", dtype=jn
     _, abstract = Llava.abstract(cfg, dtype)
 
     def leaf(path, _):
-        name = _state_name(path)
+        name = tree_path_name(path)
         if name not in specs:  # pragma: no cover - param_spec and the module disagree (tested elsewhere)
             raise ShardingError(f"parameter {name} has no sharding rule")
         return NamedSharding(mesh, specs[name])
