@@ -46,30 +46,20 @@ def final_keeps(budget: int, total: int, cuts: int) -> tuple[int, ...]:
     return tuple(keeps)
 
 
-def _strict(layers, keeps, total: int) -> list[tuple[int, int]]:
-    """The ``(layer, keep)`` cuts that drop tokens (a cut keeping every token it gets is a no-op)."""
-    out, prev = [], total
-    for l, k in zip(layers, keeps):
-        if k < prev:
-            out.append((l, k))
-            prev = k
-    return out
-
-
 def _pyramiddrop_final(b: int, c: LlavaConfig):
+    from jaxprune.reducers.adsc import _drop_noops
     from jaxprune.reducers.pyramiddrop import AVERAGE_LAYERS, PyramidDropCut, scale_layers
 
     layers = scale_layers(AVERAGE_LAYERS, _depth(c))
-    pairs = _strict(layers, final_keeps(b, c.tokens_per_image, len(layers)), c.tokens_per_image)
-    return R.compose(*(PyramidDropCut(layer=l, keep=k) for l, k in pairs))
+    layers, keeps = _drop_noops(layers, final_keeps(b, c.tokens_per_image, len(layers)), c.tokens_per_image)
+    return R.compose(*(PyramidDropCut(layer=l, keep=k) for l, k in zip(layers, keeps)))
 
 
 def _adsc_final(b: int, c: LlavaConfig):
-    from jaxprune.reducers.adsc import default_layers
+    from jaxprune.reducers.adsc import _drop_noops, default_layers
 
     layers = default_layers(_depth(c))
-    pairs = _strict(layers, final_keeps(b, c.tokens_per_image, len(layers)), c.tokens_per_image)
-    return R.adsc(tuple(l for l, _ in pairs), tuple(k for _, k in pairs))
+    return R.adsc(*_drop_noops(layers, final_keeps(b, c.tokens_per_image, len(layers)), c.tokens_per_image))
 
 
 _FACTORIES: dict[str, Callable[[int, LlavaConfig], object]] = {
