@@ -21,8 +21,8 @@ from jaxprune.reducers.divprune import DivPrune, divprune
 from jaxprune.reducers.fastervlm import FasterVLM, fastervlm
 from jaxprune.reducers.fastv import FastV, fastv
 from jaxprune.reducers.llm import LLMContext, LLMReduced
-from jaxprune.reducers.plan import Compose, compose
-from jaxprune.reducers.plan_next import NextOptions, next_options
+from jaxprune.reducers.compose import Compose, compose
+from jaxprune.reducers.options import NextOptions, next_options
 from jaxprune.reducers.pyramiddrop import PyramidDropCut, pyramiddrop, pyramiddrop_for_average
 from jaxprune.reducers.visiondrop_llm import (VisionDropCut, visiondrop, visiondrop_llm, visiondrop_released,
                                               visiondrop_schedule)
