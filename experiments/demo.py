@@ -1,4 +1,4 @@
-"""The built-in default run: a small local LLaVA through the whole pipeline, no downloads.
+"""A small random LLaVA through the whole pipeline, no downloads (``python -m experiments.demo``).
 
 Builds a small random LLaVA-1.5-shaped model, saves it as an HF checkpoint (safetensors), converts
 it with ``checkpoints_convert`` and loads it back with ``jp.load`` (the real loading path), feeds
@@ -6,9 +6,8 @@ procedurally drawn images through the LLaVA 'pad' preprocessing, then runs the f
 each available reducer at a few budgets, printing sequence length, prefill time, decode speed,
 KV-cache bytes and agreement of greedy tokens with the full model.
 
-Also the pieces the evaluation harness' built-in default run uses (``experiments.eval.builtin``): a tiny
-word-level tokenizer matching ``DEMO_CFG`` (:func:`demo_tokenizer`, :func:`save_demo_tokenizer`) and
-:func:`write_demo_checkpoint` (random weights -> HF checkpoint with that tokenizer -> converted directory).
+The model itself (``DEMO_CFG``, its tokenizer, :func:`write_demo_checkpoint`) lives in the library
+(:mod:`jaxprune.eval.demo_model`, ``jaxprune-eval --model demo``); it is re-exported here.
 """
 
 from __future__ import annotations
@@ -23,15 +22,9 @@ import PIL.Image
 
 import jaxprune as jp
 from experiments.bench_common import md_table
-from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
+from jaxprune.eval.demo_model import (  # noqa: F401  (re-exported)
+    DEMO_CFG, DEMO_WORDS, demo_tokenizer, save_demo_tokenizer, write_demo_checkpoint)
 from jaxprune.processing import ImageProcessorConfig, preprocess_images
-
-DEMO_CFG = LlavaConfig(
-    vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                        image_size=96, patch_size=8),
-    text=TextConfig(vocab_size=512, hidden_size=96, intermediate_size=192, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=24, eos_token_id=(2,), pad_token_id=0),
-    image_token_index=511)
 
 
 def demo_images(n: int, seed: int = 0) -> list[PIL.Image.Image]:
@@ -56,47 +49,6 @@ def demo_model(workdir: Path) -> jp.Llava:
     export_hf(DEMO_CFG, src.flat_params(), workdir / "hf", layout="legacy")
     convert(workdir / "hf", workdir / "converted")
     return jp.load(workdir / "converted")
-
-
-# ---- tiny tokenizer -------------------------------------------------------------------------------
-#: Words the demo tokenizer knows (lower-cased): the vicuna_v1 system prompt, the short-answer suffix and the
-#: built-in shape benchmark (``experiments.eval.builtin``); anything else maps to ``<unk>``.
-DEMO_WORDS: tuple[str, ...] = tuple(dict.fromkeys((
-    "a chat between curious user and an artificial intelligence assistant . the gives helpful , detailed polite "
-    "answers to ' s questions : answer question using single word or phrase with option letter from given choices "
-    "directly is there in image this what how many of color shape square circle red green blue yellow white black "
-    "orange purple yes no"
-).split()))
-
-
-def demo_tokenizer():
-    """A word-level ``tokenizers.Tokenizer`` matching ``DEMO_CFG`` over :data:`DEMO_WORDS`
-    (:func:`experiments.wordtok.word_tokenizer`)."""
-    from experiments.wordtok import word_tokenizer
-
-    return word_tokenizer(DEMO_WORDS, DEMO_CFG.text.vocab_size, DEMO_CFG.image_token_index)
-
-
-def save_demo_tokenizer(dst: str | Path) -> Path:
-    """Write the demo tokenizer as ``tokenizer.json`` + ``tokenizer_config.json`` (loadable with
-    ``AutoTokenizer`` / ``PreTrainedTokenizerFast``; pad = ``<unk>`` = id 0 = ``DEMO_CFG.text.pad_token_id``)."""
-    from experiments.wordtok import save_word_tokenizer
-
-    return save_word_tokenizer(demo_tokenizer(), dst)
-
-
-def write_demo_checkpoint(dst: str | Path, seed: int = 0) -> Path:
-    """The demo model as a converted jaxprune directory with its tokenizer: random weights -> HF safetensors (+
-    tokenizer files) -> ``checkpoints_convert.convert`` -> ``dst`` (which must not exist)."""
-    from checkpoints_convert import convert, export_hf
-
-    dst = Path(dst)
-    with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as d:
-        tok = save_demo_tokenizer(Path(d) / "tokenizer")
-        src = jp.Llava.random(DEMO_CFG, seed=seed)
-        export_hf(DEMO_CFG, src.flat_params(), Path(d) / "hf", layout="legacy", support_dir=tok)
-        convert(Path(d) / "hf", dst)
-    return dst
 
 
 def reducers_to_try(P: int) -> list[tuple[str, object]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.benchmarks import (
+from jaxprune.eval.benchmarks import (
     MC_LETTER_SUFFIX,
     SHORT_ANSWER_SUFFIX,
     BenchmarkFormatError,
@@ -24,7 +24,7 @@ from experiments.benchmarks import (
     match_answers,
     write_answers,
 )
-from experiments.benchmarks.files import read_json, read_jsonl, read_tsv
+from jaxprune.eval.benchmarks.files import read_json, read_jsonl, read_tsv
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
 
@@ -264,7 +264,7 @@ def test_mmbench_tsv_prompts_and_circular_score(tmp_path):
 
 
 def test_mmbench_tsv_submission_without_openpyxl(tmp_path, monkeypatch):
-    from experiments.benchmarks import mmbench
+    from jaxprune.eval.benchmarks import mmbench
 
     monkeypatch.setattr(mmbench, "openpyxl_available", lambda: False)
     b = get_benchmark("mmbench")
@@ -364,7 +364,7 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_every_registered_benchmark_follows_the_protocol():
-    from experiments.benchmarks import Benchmark, list_benchmarks
+    from jaxprune.eval.benchmarks import Benchmark, list_benchmarks
 
     for name in list_benchmarks():
         b = get_benchmark(name)

@@ -24,7 +24,7 @@ def inputs(tmp_path_factory):
     """(model dir, data root) of the built-in demo model and benchmark, in the session's shared cache."""
     mp = pytest.MonkeyPatch()
     mp.setenv("JAXPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "jaxprune-eval-cache"))
-    from experiments.eval import builtin
+    from jaxprune.eval import builtin
 
     yield builtin.ensure_model("demo")[0], builtin.ensure_benchmark("shapes")
     mp.undo()
@@ -46,7 +46,7 @@ def _args(inputs, out: Path) -> list[str]:
 
 _TWICE = """
 import sys
-from experiments.eval_cli import main
+from jaxprune.eval.cli import main
 args = sys.argv[1:]
 assert main(args[:-1] + ["--num-devices", "1", "--out", args[-1] + "/one"]) == 0
 assert main(args[:-1] + ["--out", args[-1] + "/eight"]) == 0
@@ -90,7 +90,7 @@ def test_two_processes_match_one_device(inputs, one_and_eight, tmp_path):
     one, _ = one_and_eight
     out = tmp_path / "two"
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.eval_cli", *_args(inputs, out),
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxprune.eval.cli", *_args(inputs, out),
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                               env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments.eval import ConfigError, ItemError, ReducerSpec, SweepConfig, load_sweep_file, run_sweep
-from experiments.eval.answers import AnswerFile
-from experiments.eval.config import BenchmarkSpec
+from jaxprune.eval import ConfigError, ItemError, ReducerSpec, SweepConfig, load_sweep_file, run_sweep
+from jaxprune.eval.answers import AnswerFile
+from jaxprune.eval.config import BenchmarkSpec
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
 FORMATS = ("vqav2", "gqa", "textvqa", "pope", "mme", "scienceqa", "mmbench", "seed", "mmvet")
@@ -34,7 +34,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ctx(cache):
-    from experiments.eval import Context, load_model
+    from jaxprune.eval import Context, load_model
 
     model, tok, model_id, model_dir = load_model("demo", bucket=BUCKET)
     return Context.create(model, tok, model_id, model_dir=model_dir)
@@ -42,14 +42,14 @@ def ctx(cache):
 
 @pytest.fixture(scope="module")
 def model_dir(cache):
-    from experiments.eval import builtin
+    from jaxprune.eval import builtin
 
     return builtin.ensure_model()[0]
 
 
 @pytest.fixture(scope="module")
 def shapes(cache):
-    from experiments.eval import builtin
+    from jaxprune.eval import builtin
 
     return builtin.ensure_benchmark()
 
@@ -81,7 +81,7 @@ def test_every_fixture_format_end_to_end(ctx, tmp_path):
     outcome = run_sweep(cfg, context=ctx)
     out = tmp_path / "out"
     assert not outcome.skipped and len(outcome.results) == 2 * len(FORMATS)
-    from experiments.benchmarks import get_benchmark
+    from jaxprune.eval.benchmarks import get_benchmark
 
     for name in FORMATS:
         qs = get_benchmark(name).load(FIX / name)
@@ -121,10 +121,10 @@ def test_overlay_marks_kept_patches(ctx):
     """The overlay's kept indices are the reducer's: distinct source patches, as many as the budget."""
     import numpy as np
 
-    from experiments.benchmarks import get_benchmark
-    from experiments.eval.batching import Batch, build_rows, make_items
-    from experiments.eval.overlay import kept_tokens
-    from experiments.eval.runner import make_reducer
+    from jaxprune.eval.benchmarks import get_benchmark
+    from jaxprune.eval.batching import Batch, build_rows, make_items
+    from jaxprune.eval.overlay import kept_tokens
+    from jaxprune.eval.runner import make_reducer
 
     cfg = ctx.model.cfg
     items = make_items(get_benchmark("pope").load(FIX / "pope")[:2], ctx.tokenizer, cfg.tokens_per_image)
@@ -204,7 +204,7 @@ def _break_images(d: Path) -> tuple[str, str]:
 def test_on_error_skip_lists_items_and_answers_the_rest(ctx, tmp_path):
     d = _pope_copy(tmp_path)
     missing, corrupt = _break_images(d)
-    from experiments.benchmarks import get_benchmark
+    from jaxprune.eval.benchmarks import get_benchmark
 
     qs = get_benchmark("pope").load(d)
     bad = {q.key for q in qs if q.image in (missing, corrupt)}
@@ -221,7 +221,7 @@ def test_on_error_skip_lists_items_and_answers_the_rest(ctx, tmp_path):
 
 
 def test_on_error_stop_names_the_item(ctx, model_dir, tmp_path, capsys):
-    from experiments.eval_cli import main
+    from jaxprune.eval.cli import main
 
     d = _pope_copy(tmp_path)
     missing, corrupt = _break_images(d)
@@ -235,7 +235,7 @@ def test_on_error_stop_names_the_item(ctx, model_dir, tmp_path, capsys):
 
 
 def test_malformed_question_file(ctx, model_dir, tmp_path, capsys):
-    from experiments.eval_cli import main
+    from jaxprune.eval.cli import main
 
     d = _pope_copy(tmp_path)
     qf = d / "llava_pope_test.jsonl"
@@ -252,7 +252,7 @@ def test_malformed_question_file(ctx, model_dir, tmp_path, capsys):
 
 
 def test_unknown_names_and_bad_specs(ctx, tmp_path, capsys):
-    from experiments.eval_cli import main
+    from jaxprune.eval.cli import main
 
     base = ["--model", "demo", "--data", str(FIX / "pope"), "--out", str(tmp_path / "o")]
     assert main(base + ["--benchmark", "popee"]) == 2
@@ -284,7 +284,7 @@ def test_unknown_names_and_bad_specs(ctx, tmp_path, capsys):
 
 def test_default_run_cli(cache, tmp_path, capsys):
     """The default-run path of the built-in demo model (its generated benchmark), trimmed to the full model."""
-    from experiments.eval_cli import main
+    from jaxprune.eval.cli import main
 
     rc = main(["--model", "demo", "--reducer", "full", "--limit", "8", "--no-overlay", "--out", str(tmp_path),
                *COMMON_FLAGS])

@@ -234,7 +234,7 @@ def write_instructions(dst: Path, n: int = 8) -> Path:
 def tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    from experiments.wordtok import word_tokenizer
+    from jaxprune.eval.wordtok import word_tokenizer
 
     return PreTrainedTokenizerFast(tokenizer_object=word_tokenizer(WORDS, 64, CFG.image_token_index), bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
@@ -306,7 +306,7 @@ _DP_SCRIPT = r"""
 import json, sys
 import jax, numpy as np, optax
 sys.path.insert(0, sys.argv[1])
-from experiments.eval import distributed as dist
+from jaxprune.eval import distributed as dist
 from experiments.train.reduced import LoraTrainer
 from jaxprune.lora import init_lora
 from tests.test_lora import CUT, LCFG, batch, model

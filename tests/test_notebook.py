@@ -19,12 +19,12 @@ NOTEBOOK = ROOT / "experiments" / "notebooks" / "compose_reducers.ipynb"
 
 
 def test_compose_reducers_notebook_runs(tmp_path, monkeypatch):
-    from experiments.eval import builtin
+    from jaxprune.eval import builtin
 
     monkeypatch.setenv("JAXPRUNE_CACHE", str(tmp_path / "cache"))   # the kernel inherits the environment
     monkeypatch.delenv("MPLBACKEND", raising=False)                  # the kernel's inline backend draws the figures
     if not (builtin.SHIPPED_CHECKPOINT / "config.json").is_file():
-        from experiments.synthvqa.export import write_standin_checkpoint
+        from jaxprune.eval.synthvqa.export import write_standin_checkpoint
 
         monkeypatch.setenv(builtin.CHECKPOINT_ENV, str(write_standin_checkpoint(tmp_path / "standin")))
     nb = nbformat.read(NOTEBOOK, as_version=4)

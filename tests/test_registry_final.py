@@ -10,7 +10,7 @@ from jaxprune.reducers.plan import as_tuple
 
 
 def _cfg():
-    from experiments.synthvqa.export import standin_config
+    from jaxprune.eval.synthvqa.export import standin_config
 
     return standin_config()  # 4 decoder layers, 144 visual tokens: averages below ~37-44 are unreachable
 

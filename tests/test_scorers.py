@@ -1,4 +1,4 @@
-"""Hand-made cases for every quirk of the official scorers reproduced in ``experiments.benchmarks``.
+"""Hand-made cases for every quirk of the official scorers reproduced in ``jaxprune.eval.benchmarks``.
 
 Expected values were worked out from the official code (cited in each module's docstring); the scorers themselves
 were also cross-checked offline against the original scripts and LLaVA-1.5-13B's released answer files.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.benchmarks import MissingAnswersError, Question, get_benchmark
-from experiments.benchmarks.evalai import (
+from jaxprune.eval.benchmarks import MissingAnswersError, Question, get_benchmark
+from jaxprune.eval.benchmarks.evalai import (
     COMMA_STRIP_VQA,
     CONTRACTIONS,
     evalai_normalize,
@@ -19,12 +19,12 @@ from experiments.benchmarks.evalai import (
     textvqa_accuracy,
     vqa_accuracy,
 )
-from experiments.benchmarks.gqa import llava_gqa_prediction
-from experiments.benchmarks.mmbench_extract import can_infer, can_infer_option, can_infer_text, extract_mcq_answer
-from experiments.benchmarks.mme import mme_parse, mme_parse_lmms
-from experiments.benchmarks.pope import llava_pope_parse
-from experiments.benchmarks.scienceqa import letter_index, parse_sqa_letter
-from experiments.benchmarks.textvqa import prompt_question
+from jaxprune.eval.benchmarks.gqa import llava_gqa_prediction
+from jaxprune.eval.benchmarks.mmbench_extract import can_infer, can_infer_option, can_infer_text, extract_mcq_answer
+from jaxprune.eval.benchmarks.mme import mme_parse, mme_parse_lmms
+from jaxprune.eval.benchmarks.pope import llava_pope_parse
+from jaxprune.eval.benchmarks.scienceqa import letter_index, parse_sqa_letter
+from jaxprune.eval.benchmarks.textvqa import prompt_question
 
 # ---------------------------------------------------------------- EvalAI answer processor (m4c_evaluator.py)
 
@@ -355,7 +355,7 @@ def test_seed_exact_match_per_type():
 
 
 def test_unknown_benchmark_lists_known_ones():
-    from experiments.benchmarks import UnknownBenchmarkError, list_benchmarks
+    from jaxprune.eval.benchmarks import UnknownBenchmarkError, list_benchmarks
 
     with pytest.raises(UnknownBenchmarkError) as e:
         get_benchmark("imagenet")

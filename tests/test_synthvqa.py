@@ -9,15 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from experiments.synthvqa.dataset import make_item, make_items
-from experiments.synthvqa.questions import (
+from jaxprune.eval.synthvqa.dataset import make_item, make_items
+from jaxprune.eval.synthvqa.questions import (
     CHANCE,
     NUMBERS,
     QTYPES,
     SHORT_ANSWER_SUFFIX,
     vocabulary,
 )
-from experiments.synthvqa.scene import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, render
+from jaxprune.eval.synthvqa.scene import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, render
 
 
 def _png_bytes(item) -> bytes:
@@ -83,8 +83,8 @@ def test_questions_are_consistent_with_the_scene():
 # ---------------------------------------------------------------------------------------------- files
 def test_benchmark_files_round_trip_through_the_loader(tmp_path):
 
-    from experiments.benchmarks import get_benchmark
-    from experiments.synthvqa.export import META_FILE, collect, write_benchmark
+    from jaxprune.eval.benchmarks import get_benchmark
+    from jaxprune.eval.synthvqa.export import META_FILE, collect, write_benchmark
 
     dst = write_benchmark(tmp_path / "b", "test", seed=1, n_images=5)
     meta = json.loads((dst / META_FILE).read_text())
@@ -110,7 +110,7 @@ def test_benchmark_files_round_trip_through_the_loader(tmp_path):
 
 
 def test_scorer_normalises_and_reports_types_and_chance():
-    from experiments.benchmarks import Question, get_benchmark
+    from jaxprune.eval.benchmarks import Question, get_benchmark
 
     qs = [Question(f"q{i}", "t", answers=[a], category=c) for i, (a, c) in enumerate(
         [("red", "colour"), ("blue", "colour"), ("yes", "exist"), ("no", "exist"), ("top left", "where"),
@@ -133,13 +133,13 @@ def test_scorer_normalises_and_reports_types_and_chance():
 def test_instructions_are_readable_and_tokenize_without_unknown_words(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from experiments.synthvqa.export import (
+    from jaxprune.eval.synthvqa.export import (
         standin_config,
         standin_words,
         write_instructions,
     )
     from experiments.train.batches import encode, read_llava_instructions
-    from experiments.wordtok import word_tokenizer
+    from jaxprune.eval.wordtok import word_tokenizer
 
     path = write_instructions(tmp_path / "i", "train", seed=0, n_images=3)
     items = make_items("train", 0, 3)
@@ -166,7 +166,7 @@ def test_instructions_are_readable_and_tokenize_without_unknown_words(tmp_path):
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
     """A random-weight checkpoint shaped like the shipped one, used as the 'synthvqa' built-in model."""
-    from experiments.synthvqa.export import write_standin_checkpoint
+    from jaxprune.eval.synthvqa.export import write_standin_checkpoint
 
     return write_standin_checkpoint(tmp_path_factory.mktemp("standin") / "checkpoint")
 
@@ -179,8 +179,8 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def test_builtin_benchmark_and_default_switch(cache, standin, tmp_path, monkeypatch):
-    from experiments.benchmarks import get_benchmark
-    from experiments.eval import builtin
+    from jaxprune.eval.benchmarks import get_benchmark
+    from jaxprune.eval import builtin
 
     path = builtin.ensure_benchmark("synthvqa")
     assert path.parent == cache and builtin.ensure_benchmark("synthvqa") == path
@@ -201,8 +201,8 @@ def test_builtin_benchmark_and_default_switch(cache, standin, tmp_path, monkeypa
 def test_builtin_model_is_keyed_by_the_checkpoint_bytes(cache, standin, tmp_path, monkeypatch):
     import shutil
 
-    from experiments.eval import builtin
-    from experiments.eval.config import ConfigError
+    from jaxprune.eval import builtin
+    from jaxprune.eval.config import ConfigError
 
     monkeypatch.setenv(builtin.CHECKPOINT_ENV, str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="no checkpoint"):
@@ -224,9 +224,9 @@ def test_builtin_model_is_keyed_by_the_checkpoint_bytes(cache, standin, tmp_path
 
 def test_default_run_and_slice_on_the_standin(cache, standin, tmp_path, monkeypatch, capsys):
     """``jaxprune-eval --model synthvqa`` (trimmed to the full model on 8 questions) and evaluate_slice."""
-    from experiments.eval import builtin
-    from experiments.eval_cli import main
-    from experiments.synthvqa.export import evaluate_slice
+    from jaxprune.eval import builtin
+    from jaxprune.eval.cli import main
+    from jaxprune.eval.synthvqa.export import evaluate_slice
 
     monkeypatch.setenv(builtin.CHECKPOINT_ENV, str(standin))
     rc = main(["--model", "synthvqa", "--reducer", "full", "--limit", "8", "--no-overlay", "--no-progress",

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments.synthvqa.export import evaluate_slice
+from jaxprune.eval.synthvqa.export import evaluate_slice
 
-CKPT = Path(__file__).resolve().parents[1] / "experiments" / "synthvqa" / "checkpoint"
+CKPT = Path(__file__).resolve().parents[1] / "jaxprune" / "eval" / "synthvqa" / "checkpoint"
 RECORD = CKPT / "accuracy.json"
 
 

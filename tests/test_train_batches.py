@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from experiments.synthvqa.dataset import make_items, render_items
+from jaxprune.eval.synthvqa.dataset import make_items, render_items
 from experiments.synthvqa.train import MODEL_CFG, N_VISUAL, normalize, tokenizer
 from experiments.train.batches import collate, encode, read_llava_instructions, render_conversation
 from jaxprune.processing import ImageProcessorConfig, build_vicuna_v1_prompt, preprocess_images, tokenize_prompts

@@ -1,6 +1,6 @@
 """ADSC with LoRA fine-tuning vs training-free ADSC on the synthetic VQA set, at the two smallest budgets, 3 seeds.
 
-    python -m experiments.synthvqa.adsc_lora_compare [--model experiments/synthvqa/checkpoint] [--budgets 16 8]
+    python -m experiments.synthvqa.adsc_lora_compare [--model jaxprune/eval/synthvqa/checkpoint] [--budgets 16 8]
         [--seeds 0 1 2] [--steps 200] [--train-images 1000] [--test-images 200] [--work DIR]
         [--out experiments/results/synthvqa_adsc_lora]
 
@@ -8,11 +8,11 @@ For every seed ``s`` and budget ``b`` (144-token model: 16 and 8 = the 64 / 32 o
 
 1. **training-free ADSC**: the base model with the ADSC schedule of ``b``;
 2. **LoRA-ADSC**: fresh adapters (seed ``s``) fine-tuned on the synthvqa *train* split of seed ``s``
-   (:func:`experiments.synthvqa.export.write_instructions`, one question per record) with the reverse curriculum
+   (:func:`jaxprune.eval.synthvqa.export.write_instructions`, one question per record) with the reverse curriculum
    ending at ``b`` (:mod:`experiments.train.adsc_lora`), merged into the base weights, then the same schedule;
-3. both scored on the *test* split of seed ``s`` (:func:`~experiments.synthvqa.export.write_benchmark`) through the
-   evaluation harness (``experiments.eval.runner.run_benchmark``: vicuna_v1 prompts, the model's image
-   preprocessing, greedy decoding, the :mod:`experiments.benchmarks.synthvqa` exact-match scorer) -- the very
+3. both scored on the *test* split of seed ``s`` (:func:`~jaxprune.eval.synthvqa.export.write_benchmark`) through the
+   evaluation harness (``jaxprune.eval.runner.run_benchmark``: vicuna_v1 prompts, the model's image
+   preprocessing, greedy decoding, the :mod:`jaxprune.eval.benchmarks.synthvqa` exact-match scorer) -- the very
    path of ``jaxprune-eval``; the full model is scored once per seed as the reference.
 
 Budgets follow :mod:`experiments.train.curriculum` (``--budget-kind auto``: the registry's per-layer average when
@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "checkpoint"
+from jaxprune.eval.builtin import SHIPPED_CHECKPOINT
+
+DEFAULT_MODEL = SHIPPED_CHECKPOINT
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "synthvqa_adsc_lora"
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -91,12 +93,12 @@ def run(a, work: Path) -> int:
     import jax
 
     import jaxprune as jp
-    from experiments.benchmarks import get_benchmark
-    from experiments.eval import distributed as dist
-    from experiments.eval.config import ReducerSpec
-    from experiments.eval.runner import Context, RunOptions, run_benchmark
-    from experiments.eval.sweep import load_tokenizer
-    from experiments.synthvqa import export
+    from jaxprune.eval.benchmarks import get_benchmark
+    from jaxprune.eval import distributed as dist
+    from jaxprune.eval.config import ReducerSpec
+    from jaxprune.eval.runner import Context, RunOptions, run_benchmark
+    from jaxprune.eval.sweep import load_tokenizer
+    from jaxprune.eval.synthvqa import export
     from experiments.train import curriculum as cur
     from experiments.train.adsc_lora import TrainSettings, build_dataset, image_config, optimizer, train
     from experiments.train.batches import read_llava_instructions
@@ -229,7 +231,7 @@ def report(out: dict, a) -> str:
              f"- test: {a.test_images} test-split images per seed (questions: "
              + ", ".join(str(n) for n in next(iter(out["summary"].values()))["n_questions"])
              + f"), greedy decoding ({a.max_new_tokens} new tokens), exact match "
-             "(`experiments/benchmarks/synthvqa.py`); "
+             "(`jaxprune/eval/benchmarks/synthvqa.py`); "
              f"chance level {np.mean([r['full']['chance'] for r in out['runs']]):.1f}%",
              f"- seeds {out['seeds']}: seed s = LoRA init + data order + train split s + test split s. "
              "Values: accuracy %, mean ± sample std over seeds; margin = LoRA − training-free on the same questions "

@@ -3,7 +3,7 @@
 ``python -m experiments.synthvqa.sweep`` -> ``experiments/results/synthvqa.md`` + ``.json``.
 
 For each data seed the test split (``--images`` images, up to 4 questions each) is written as a benchmark
-folder and run with :func:`experiments.eval.sweep.run_sweep` (the same prompts, preprocessing, greedy
+folder and run with :func:`jaxprune.eval.sweep.run_sweep` (the same prompts, preprocessing, greedy
 decoding and scorer as ``jaxprune-eval``): the full model, then every reducer of
 :func:`jaxprune.reducers.registry.names` at each budget. Budgets are for the model's 144 visual tokens:
 48/32/16/8 = LLaVA-1.5's 192/128/64/32 of 576. For multi-cut in-LLM methods the budget is the average
@@ -22,10 +22,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from experiments.eval.config import BenchmarkSpec, ReducerSpec, SweepConfig
-from experiments.eval.runner import Context
-from experiments.eval.sweep import load_model, run_sweep
-from experiments.synthvqa.export import write_benchmark
+from jaxprune.eval.config import BenchmarkSpec, ReducerSpec, SweepConfig
+from jaxprune.eval.runner import Context
+from jaxprune.eval.sweep import load_model, run_sweep
+from jaxprune.eval.synthvqa.export import write_benchmark
 from jaxprune.reducers import registry
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"

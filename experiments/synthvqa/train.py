@@ -1,6 +1,6 @@
 """Train the tiny synthetic-VQA LLaVA from scratch on CPU (JAX + optax), export it as an HF checkpoint.
 
-``python -m experiments.synthvqa.train --out experiments/synthvqa/checkpoint`` (reproducible from ``--seed``).
+``python -m experiments.synthvqa.train --out jaxprune/eval/synthvqa/checkpoint`` (reproducible from ``--seed``).
 
 Model (:data:`MODEL_CFG`): a CLIP-style ViT (96 px, 8 px patches -> 12x12 = 144 tokens, width 64, 3 layers of
 which LLaVA's ``vision_feature_layer=-2`` runs 2), LLaVA's 2-layer GELU projector, and a 4-layer Llama
@@ -40,12 +40,12 @@ import optax
 from flax import nnx
 
 import jaxprune as jp
-from experiments.synthvqa.dataset import make_items, render_items
-from experiments.synthvqa.questions import QTYPES, vocabulary
-from experiments.synthvqa.scene import COLOUR_NAMES, SHAPES
+from jaxprune.eval.synthvqa.dataset import make_items, render_items
+from jaxprune.eval.synthvqa.questions import QTYPES, vocabulary
+from jaxprune.eval.synthvqa.scene import COLOUR_NAMES, SHAPES
 from experiments.train.batches import collate, encode
 from experiments.train.loss import llava_logits, sequence_hits, token_xent, vision_hidden
-from experiments.wordtok import save_word_tokenizer, word_tokenizer
+from jaxprune.eval.wordtok import save_word_tokenizer, word_tokenizer
 from jaxprune import generate as gen
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 from jaxprune.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, IMAGE_TOKEN

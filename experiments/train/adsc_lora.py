@@ -63,7 +63,7 @@ class TrainSettings:
 
 
 def image_config(model_dir: str | Path | None, cfg, mode: str = "pad"):
-    """The evaluation harness's image preprocessing for this model (``experiments.eval.runner.Context.create``)."""
+    """The evaluation harness's image preprocessing for this model (``jaxprune.eval.runner.Context.create``)."""
     from jaxprune.processing import ImageProcessorConfig
 
     img = None
@@ -138,7 +138,7 @@ def train(model, tokenizer, ds: Dataset, img_cfg, lora_cfg: LoraConfig, s: Train
           trainer: LoraTrainer | None = None, log=print, eval_budgets=()) -> tuple[dict, dict]:
     """Fine-tune fresh adapters on ``ds``; returns ``(adapters as NumPy, log dict)``. Pass a ``trainer`` built
     with the same settings to reuse its compiled steps across runs."""
-    from experiments.eval import distributed as dist
+    from jaxprune.eval import distributed as dist
 
     cfg = model.cfg
     phases = cur.parse_curriculum(s.curriculum, s.target)
@@ -186,7 +186,7 @@ def train(model, tokenizer, ds: Dataset, img_cfg, lora_cfg: LoraConfig, s: Train
 def teacher_forced(trainer: LoraTrainer, adapters, ds: Dataset, img_cfg, pad_id: int, reducer, batch_size: int
                    ) -> dict[str, float]:
     """Answer-token loss and accuracy over ``ds`` (whole batches only) with ``reducer`` (None = full model)."""
-    from experiments.eval import distributed as dist
+    from jaxprune.eval import distributed as dist
 
     mine = dist.local_rows(trainer.mesh, batch_size)
     tot = {"loss": 0.0, "tokens": 0.0, "hits": 0.0}
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
 
     import jaxprune as jp
-    from experiments.eval.sweep import load_tokenizer
+    from jaxprune.eval.sweep import load_tokenizer
 
     if (a.out / "adapters").exists() and not a.overwrite:
         ap.error(f"{a.out / 'adapters'} exists (pass --overwrite)")

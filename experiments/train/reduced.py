@@ -128,7 +128,7 @@ class LoraTrainer:
     def __init__(self, model, lora_cfg: LoraConfig, optimizer, mesh=None):
         from jax.sharding import NamedSharding, PartitionSpec as P
 
-        from experiments.eval import distributed as dist
+        from jaxprune.eval import distributed as dist
 
         self.model, self.lora_cfg, self.optimizer = model, lora_cfg, optimizer
         self.mesh = dist.make_mesh() if mesh is None else mesh
@@ -154,7 +154,7 @@ class LoraTrainer:
 
     def init(self, adapters):
         """``(adapters, opt_state)`` placed on the mesh."""
-        from experiments.eval import distributed as dist
+        from jaxprune.eval import distributed as dist
 
         adapters = dist.replicate(adapters, self.mesh)
         return adapters, dist.replicate(self.optimizer.init(adapters), self.mesh)
@@ -162,7 +162,7 @@ class LoraTrainer:
     def shard(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """Global arrays from this process' rows (single process: the whole batch); rows must divide
         over the ``data`` axis."""
-        from experiments.eval import distributed as dist
+        from jaxprune.eval import distributed as dist
 
         cfg = self.model.cfg
         check_batch(batch, cfg.image_token_index, cfg.tokens_per_image)

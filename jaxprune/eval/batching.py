@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.benchmarks import Question
+from jaxprune.eval.benchmarks import Question
 from jaxprune.processing import (
     IMAGE_TOKEN,
     ImageProcessorConfig,

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.benchmarks import Question
+from jaxprune.eval.benchmarks import Question
 
 from .config import ItemError
 

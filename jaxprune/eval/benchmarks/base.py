@@ -10,7 +10,7 @@ Conventions shared by every benchmark module
 * ``Question.key`` is unique within a loaded benchmark.  It is ``str(question_id)`` except where LLaVA's question
   files repeat a ``question_id`` (MME: one id per image for its two questions; TextVQA: the id is the image id), where
   the n-th occurrence gets ``f"{question_id}#{n}"``.  ``score`` / ``write_submission`` take answers keyed by it
-  (a plain ``question_id`` key is accepted too when ids are unique).  :func:`experiments.benchmarks.files.match_answers`
+  (a plain ``question_id`` key is accepted too when ids are unique).  :func:`jaxprune.eval.benchmarks.files.match_answers`
   turns a LLaVA answers jsonl into such a mapping (disambiguating repeated ids by the recorded prompt).
 * Accuracy-type metrics are percentages (0-100); MME subtask scores are the official points (acc + acc+, max 200).
 * A question without an answer is scored as if the model had answered ``""`` (each benchmark's parser then decides,

@@ -1,7 +1,7 @@
 """The synthetic VQA set as files: an evaluation benchmark, LLaVA instruction data, a stand-in model.
 
 * :func:`write_benchmark` -- ``jaxprune-eval --benchmark synthvqa --data DIR`` reads it
-  (:mod:`experiments.benchmarks.synthvqa`)::
+  (:mod:`jaxprune.eval.benchmarks.synthvqa`)::
 
       DIR/llava_synthvqa_{split}.jsonl      {"question_id", "image", "text" (+ short-answer suffix), "category"}
       DIR/synthvqa_{split}_answers.jsonl    {"question_id", "answer", "category"}
@@ -26,12 +26,12 @@ is a pure function of ``(split, seed, i)`` (:mod:`.dataset`), so the files are t
 
 Command line::
 
-    python -m experiments.synthvqa.export benchmark DIR [--split test] [--seed 0] [--n-images 200]
+    python -m jaxprune.eval.synthvqa.export benchmark DIR [--split test] [--seed 0] [--n-images 200]
                                                         [--n-questions N]
-    python -m experiments.synthvqa.export instructions DIR [--split train] [--seed 0] [--n-images 5000]
+    python -m jaxprune.eval.synthvqa.export instructions DIR [--split train] [--seed 0] [--n-images 5000]
                                                            [--multi-turn]
-    python -m experiments.synthvqa.export evaluate MODEL_DIR [--n-questions 200] [--seed 0] [--reducer NAME:K]
-    python -m experiments.synthvqa.export standin DIR
+    python -m jaxprune.eval.synthvqa.export evaluate MODEL_DIR [--n-questions 200] [--seed 0] [--reducer NAME:K]
+    python -m jaxprune.eval.synthvqa.export standin DIR
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def evaluate_slice(model_dir: str | Path, n_questions: int = 200, seed: int = 0,
 
     ``reducer``: ``"NAME:BUDGET"`` to score a reduced model instead of the full one. ``return_score``: return the
     scorer's whole dict (per-type accuracy, chance levels) instead of the accuracy."""
-    from experiments.eval import BenchmarkSpec, ReducerSpec, SweepConfig, run_sweep
+    from jaxprune.eval import BenchmarkSpec, ReducerSpec, SweepConfig, run_sweep
 
     with tempfile.TemporaryDirectory(prefix="synthvqa-slice-") as d:
         data = write_benchmark(Path(d) / "data", split, seed, n_images=None, n_questions=n_questions)
@@ -214,8 +214,8 @@ def evaluate_slice(model_dir: str | Path, n_questions: int = 200, seed: int = 0,
 
 # ---- stand-in model -----------------------------------------------------------------------------------------
 def standin_config():
-    """The shipped model's config (``experiments.synthvqa.train.MODEL_CFG``, copied to keep this import light):
-    96 px / 8 px patches = 144 visual tokens, 4-layer decoder, 128-word vocabulary, ``<image>`` = 127."""
+    """The shipped model's config (``MODEL_CFG`` of the training script ``experiments/synthvqa/train.py``, repeated
+    here: the library never imports the scripts): 96 px / 8 px patches = 144 visual tokens, 4-layer decoder, 128-word vocabulary, ``<image>`` = 127."""
     from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 
     return LlavaConfig(
@@ -246,7 +246,7 @@ def write_standin_checkpoint(dst: str | Path, seed: int = 0) -> Path:
     layout of the shipped checkpoint."""
     import jaxprune as jp
     from checkpoints_convert import export_hf
-    from experiments.wordtok import save_word_tokenizer, word_tokenizer
+    from jaxprune.eval.wordtok import save_word_tokenizer, word_tokenizer
     from jaxprune.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     cfg = standin_config()
@@ -267,7 +267,7 @@ def write_standin_checkpoint(dst: str | Path, seed: int = 0) -> Path:
 
 # ---- command line -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.synthvqa.export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m jaxprune.eval.synthvqa.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("benchmark", help="evaluation files (jaxprune-eval --benchmark synthvqa --data DIR)")

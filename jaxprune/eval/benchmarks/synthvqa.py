@@ -1,5 +1,5 @@
-"""SynthVQA: the synthetic VQA set of :mod:`experiments.synthvqa` (written by
-:func:`experiments.synthvqa.export.write_benchmark`), exact-match accuracy overall and per question type.
+"""SynthVQA: the synthetic VQA set of :mod:`jaxprune.eval.synthvqa` (written by
+:func:`jaxprune.eval.synthvqa.export.write_benchmark`), exact-match accuracy overall and per question type.
 
 Files under the data root: ``llava_synthvqa_{split}.jsonl`` (LLaVA question file: ``question_id``, ``image``
 relative to ``images/``, ``text`` with the short-answer suffix, ``category`` = question type),
@@ -8,7 +8,7 @@ relative to ``images/``, ``text`` with the short-answer suffix, ``category`` = q
 Scoring (ours; there is no official scorer): prediction and answer are lower-cased, stripped of surrounding
 whitespace and trailing periods (as LLaVA's ``convert_gqa_for_eval.py``), then compared exactly. Metrics (percent):
 ``accuracy``, ``per_type`` (colour / exist / where / count), and the chance levels ``chance_per_type`` (a uniform
-guess over each type's answer set, :data:`experiments.synthvqa.questions.CHANCE`) and ``chance`` (weighted by the
+guess over each type's answer set, :data:`jaxprune.eval.synthvqa.questions.CHANCE`) and ``chance`` (weighted by the
 question mix of the scored questions), plus the stronger blind baseline ``majority`` / ``majority_per_type``: always
 answering the most frequent ground-truth answer of each type in the scored set (counts are not uniform: "two" is
 about half of the count answers).
@@ -33,7 +33,7 @@ def normalise(text: str) -> str:
 
 
 def _chance() -> dict[str, float]:
-    from experiments.synthvqa.questions import CHANCE
+    from jaxprune.eval.synthvqa.questions import CHANCE
 
     return CHANCE
 

@@ -2,7 +2,7 @@
 
 Per run folder (``OUT/<benchmark>/<run>/``, run = ``full`` or ``<reducer>_<budget>``):
 
-* ``answers.jsonl``: LLaVA's answers format + ``key`` (see :mod:`experiments.eval.answers`), appended per batch,
+* ``answers.jsonl``: LLaVA's answers format + ``key`` (see :mod:`jaxprune.eval.answers`), appended per batch,
   rewritten in question-file order when the run completes;
 * ``run_config.json``: the settings that determine the answers (model id, reducer, max_new_tokens, prompt
   format, dtype, image mode); a re-run with different settings into the same folder is refused;
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.benchmarks import Question
+from jaxprune.eval.benchmarks import Question
 
 from . import distributed as dist
 from . import efficiency as eff

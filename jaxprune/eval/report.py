@@ -3,7 +3,7 @@
 * Accuracy table: one row per method (full model, then reducer x budget), one column per benchmark with its
   headline metric and the percentage of the full model's score, and the average of those percentages
   (the papers' "Avg." column).
-* Efficiency table: per benchmark and method, every number labelled (see :mod:`experiments.eval.efficiency`).
+* Efficiency table: per benchmark and method, every number labelled (see :mod:`jaxprune.eval.efficiency`).
 * Skipped items: everything ``--on-error skip`` left out, with its message.
 * ``pareto.png``: accuracy (average % of full; the raw headline score if there is no full run) against TTFT and
   against visual tokens (averaged over decoder layers for in-LLM methods), one line per reducer, frontier dashed.

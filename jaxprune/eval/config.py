@@ -156,7 +156,7 @@ class SweepConfig:
 def check_names(cfg: SweepConfig) -> list[tuple[str, str]]:
     """Validate benchmark and reducer names; returns ``[(item, message)]`` for the unknown ones (the caller skips
     them or stops). Known benchmark names are canonicalised in place (aliases such as ``sqa``)."""
-    from experiments.benchmarks import UnknownBenchmarkError, get_benchmark
+    from jaxprune.eval.benchmarks import UnknownBenchmarkError, get_benchmark
     from jaxprune.reducers import registry
 
     problems: list[tuple[str, str]] = []

@@ -3,11 +3,11 @@
 * Model: :data:`DEFAULT_MODEL` names an entry of :data:`BUILTIN_MODELS` (a builder writing a converted jaxprune
   directory with its tokenizer):
 
-  - ``synthvqa``: the tiny LLaVA trained on the synthetic VQA set (:mod:`experiments.synthvqa`), shipped as an HF
-    checkpoint in ``experiments/synthvqa/checkpoint`` (``$JAXPRUNE_SYNTHVQA_CHECKPOINT`` points elsewhere) and
+  - ``synthvqa``: the tiny LLaVA trained on the synthetic VQA set (:mod:`jaxprune.eval.synthvqa`), shipped as an HF
+    checkpoint in ``jaxprune/eval/synthvqa/checkpoint`` (``$JAXPRUNE_SYNTHVQA_CHECKPOINT`` points elsewhere) and
     converted with ``checkpoints_convert`` into the cache (key = hash of the checkpoint's bytes). The default
     whenever that checkpoint's ``config.json`` exists.
-  - ``demo``: the small random LLaVA of :mod:`experiments.demo`, written as an HF checkpoint and converted (the
+  - ``demo``: the small random LLaVA of :mod:`jaxprune.eval.demo_model`, written as an HF checkpoint and converted (the
     real loading path); the default when the synthvqa checkpoint is absent.
 * Benchmark, per model (:data:`DEFAULT_RUNS`): ``synthvqa`` = the first :data:`SYNTHVQA_QUESTIONS` questions of
   the synthetic test split (seed 0), scored per question type with chance levels; ``shapes`` (demo) = a generated
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 #: Where the trained synthvqa model's HF checkpoint is shipped (``$JAXPRUNE_SYNTHVQA_CHECKPOINT`` overrides).
-SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[1] / "synthvqa" / "checkpoint"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "synthvqa" / "checkpoint"
 CHECKPOINT_ENV = "JAXPRUNE_SYNTHVQA_CHECKPOINT"
 #: Size of the built-in synthvqa benchmark: the first N questions of the test split, seed 0.
 SYNTHVQA_QUESTIONS = 256
@@ -134,13 +134,13 @@ def _synthvqa_id() -> str:
 
 
 def _demo_builder(dst: Path) -> Path:
-    from experiments.demo import write_demo_checkpoint
+    from .demo_model import write_demo_checkpoint
 
     return write_demo_checkpoint(dst)
 
 
 def _demo_key() -> str:
-    from experiments.demo import DEMO_CFG, DEMO_WORDS
+    from .demo_model import DEMO_CFG, DEMO_WORDS
 
     return repr(DEMO_CFG) + repr(DEMO_WORDS) + "v1"
 
@@ -248,7 +248,7 @@ def write_shapes_benchmark(dst: str | Path, n_images: int = 8, seed: int = 0) ->
 
 def _synthvqa_bench_key() -> str:
     """Benchmark settings + the generator's source bytes (a changed generator rebuilds the cached copy)."""
-    src = Path(__file__).resolve().parents[1] / "synthvqa"
+    src = Path(__file__).resolve().parent / "synthvqa"
     h = hashlib.sha256()
     for name in ("scene.py", "questions.py", "dataset.py", "export.py"):
         h.update(name.encode() + b"\0" + (src / name).read_bytes())
@@ -257,7 +257,7 @@ def _synthvqa_bench_key() -> str:
 
 def write_synthvqa_benchmark(dst: str | Path) -> Path:
     """The built-in synthvqa benchmark: the first :data:`SYNTHVQA_QUESTIONS` test questions (seed 0)."""
-    from experiments.synthvqa.export import write_benchmark
+    from jaxprune.eval.synthvqa.export import write_benchmark
 
     return write_benchmark(dst, "test", SYNTHVQA_SEED, n_images=None, n_questions=SYNTHVQA_QUESTIONS)
 
@@ -276,7 +276,7 @@ def ensure_benchmark(name: str = "shapes") -> Path:
 
 
 def default_sweep(out: str | Path, model: str | None = None, **overrides):
-    """The :class:`~experiments.eval.config.SweepConfig` of the no-argument run of built-in ``model`` (default:
+    """The :class:`~jaxprune.eval.config.SweepConfig` of the no-argument run of built-in ``model`` (default:
     :func:`default_model`); ``overrides`` (None values ignored) replace its fields."""
     from .config import BenchmarkSpec, ConfigError, ReducerSpec, SweepConfig
 

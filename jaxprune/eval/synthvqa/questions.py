@@ -1,4 +1,4 @@
-"""Questions about a :class:`~experiments.synthvqa.scene.Scene`, each answerable from one small region.
+"""Questions about a :class:`~jaxprune.eval.synthvqa.scene.Scene`, each answerable from one small region.
 
 Four types (:data:`QTYPES`), at most one of each per image, answers are single words or short phrases:
 

@@ -7,7 +7,7 @@ Official pieces reproduced:
   questions of ``llava_vqav2_mscoco_test2015.jsonl`` in file order, answer = ``EvalAIAnswerProcessor()(text)``, ``""``
   when the model produced nothing for a question (test-dev is a subset of test2015).
 * Local accuracy (val): ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` (GT-Vision-Lab/VQA @ a013f00) via
-  :func:`experiments.benchmarks.evalai.vqa_accuracy`, with overall / per answer type / per question type averages.
+  :func:`jaxprune.eval.benchmarks.evalai.vqa_accuracy`, with overall / per answer type / per question type averages.
 
 Protocols of :meth:`VQAv2.score`:
 

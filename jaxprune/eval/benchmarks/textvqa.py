@@ -7,7 +7,7 @@ Official pieces reproduced (haotian-liu/LLaVA @ c121f0432da27facab705978f83c4ada
   line 2 when the OCR line comes first; 2-line form without OCR; anything else is an error) and lowercases it; answers
   are joined to ``TextVQA_0.5.1_val.json['data']`` by ``(image_id, question.lower())`` (the LLaVA file's
   ``question_id`` **is the image id**; on duplicate keys the last annotation wins, as the official dict does).
-* ``llava/eval/m4c_evaluator.py::TextVQAAccuracyEvaluator``: see :func:`experiments.benchmarks.evalai.textvqa_accuracy`.
+* ``llava/eval/m4c_evaluator.py::TextVQAAccuracyEvaluator``: see :func:`jaxprune.eval.benchmarks.evalai.textvqa_accuracy`.
 
 Prompt built from raw data (``llava_textvqa_val_v051_ocr.jsonl`` layout, checked against the file in LLaVA's
 eval.zip): ``{question.capitalize()}\\nReference OCR token: {", ".join(ocr_tokens)}\\nAnswer the question using a

@@ -13,7 +13,7 @@ Official pieces reproduced:
   OpenCompass server.  openpyxl is optional here: without it a ``.tsv`` with the same columns is written.
 * Local CircularEval = lmms-eval ``MMBench_Evaluator.eval_result`` (@ 75571cfe): rows with ``index >= 1e6`` are
   rotations of question ``index % 1e6``; a question scores 1 only if every row of its group yields the right letter
-  (:func:`experiments.benchmarks.mmbench_extract.can_infer`; unresolved rows go to ``fallback``: ``"static"`` =
+  (:func:`jaxprune.eval.benchmarks.mmbench_extract.can_infer`; unresolved rows go to ``fallback``: ``"static"`` =
   lmms-eval's static extractor, ``"none"`` = wrong; the GPT matcher the server uses is not available offline).
   Accuracy overall / per ``category`` / per ``l2-category`` over main rows.  ``single_accuracy`` = main rows only
   (no circular requirement), for reference.

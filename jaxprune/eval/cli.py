@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, ap: argparse.ArgumentParser):
-    from experiments.eval import builtin
-    from experiments.eval.config import BenchmarkSpec, ConfigError, ReducerSpec, SweepConfig, load_sweep_file
+    from jaxprune.eval import builtin
+    from jaxprune.eval.config import BenchmarkSpec, ConfigError, ReducerSpec, SweepConfig, load_sweep_file
 
     reducers = [ReducerSpec.parse(r) for r in args.reducer]
     common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, on_error=args.on_error,
@@ -116,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.distributed or args.coordinator:
-        from experiments.eval.distributed import initialize
+        from jaxprune.eval.distributed import initialize
 
         initialize(args.coordinator, args.num_processes, args.process_id)
-    from experiments.eval.config import EvalError
+    from jaxprune.eval.config import EvalError
 
     if args.list:
-        from experiments.benchmarks import list_benchmarks
+        from jaxprune.eval.benchmarks import list_benchmarks
         from jaxprune.reducers import registry
 
         print("benchmarks:", ", ".join(list_benchmarks()))
@@ -131,22 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _config(args, ap)
         if argv is None and not (args.sweep or args.benchmark):  # the console script's built-in default run
-            from experiments.eval import builtin
+            from jaxprune.eval import builtin
 
             builtin.enable_compile_cache()
-        from experiments.eval import run_sweep
+        from jaxprune.eval import run_sweep
 
         outcome = run_sweep(cfg)
     except EvalError as e:
         print(f"jaxprune-eval: error: {e}", file=sys.stderr)
         return e.exit_code
-    from experiments.eval import distributed as dist
+    from jaxprune.eval import distributed as dist
 
     if not dist.is_main():
         return 0
     default_run = not (args.sweep or args.benchmark or args.model)
     if default_run or len({r.benchmark for r in outcome.results}) == 1:
-        from experiments.eval.report import summary_table
+        from jaxprune.eval.report import summary_table
 
         print(summary_table(outcome.runs) if outcome.runs else "no run completed")
         score = (outcome.runs[0].get("score") or {}) if outcome.runs else {}

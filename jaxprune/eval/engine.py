@@ -62,7 +62,7 @@ def _temp_bytes(compiled: Any) -> int | None:
 
 
 class Engine:
-    """Runs batches of :class:`~experiments.eval.batching.Rows` for one reducer spec (None = full model)."""
+    """Runs batches of :class:`~jaxprune.eval.batching.Rows` for one reducer spec (None = full model)."""
 
     def __init__(self, model: Any, reducer: Any, mesh: Any, params: Any, max_new_tokens: int,
                  eos_ids: tuple[int, ...], pad_id: int, cache: dict) -> None:

@@ -1,6 +1,6 @@
 """Evaluation harness: batched, resumable, data-parallel greedy evaluation of LLaVA + visual-token reducers.
 
-    from experiments.eval import SweepConfig, BenchmarkSpec, ReducerSpec, run_sweep
+    from jaxprune.eval import SweepConfig, BenchmarkSpec, ReducerSpec, run_sweep
     cfg = SweepConfig(model="path/to/model", benchmarks=[BenchmarkSpec("pope", "data/pope")],
                       reducers=[ReducerSpec.parse("fastervlm:64")], out="results/run1")
     outcome = run_sweep(cfg)            # answers, scores, efficiency, report.md / report.json / pareto.png
@@ -9,7 +9,7 @@ Modules: ``config`` (specs, sweep files, errors), ``batching`` (prompts, tokens,
 (compiled prefill/decode over the ``data`` mesh), ``runner`` (one benchmark x one reducer, resumable),
 ``sweep`` (many runs + reports), ``efficiency``, ``report``, ``overlay``, ``distributed`` (multi-device and
 multi-host), ``answers`` (the crash-safe answers file), ``builtin`` (the no-download default run).
-The command line is ``jaxprune-eval`` (:mod:`experiments.eval_cli`).
+The command line is ``jaxprune-eval`` (:mod:`jaxprune.eval.cli`).
 """
 
 from .config import BenchmarkSpec, ConfigError, EvalError, ItemError, ReducerSpec, SweepConfig, load_sweep_file

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.benchmarks import Question
+from jaxprune.eval.benchmarks import Question
 
 from .batching import Batch, build_rows, make_items
 from .config import ReducerSpec

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from experiments.benchmarks import get_benchmark, answers_from_file
+    from jaxprune.eval.benchmarks import get_benchmark, answers_from_file
 
     bench = get_benchmark("pope")
     questions = bench.load("playground/data/eval/pope")          # LLaVA layout, or the raw official files
@@ -10,7 +10,7 @@ Usage::
     print(bench.score(questions, answers)["f1"])
 
 Registered: vqav2, gqa, textvqa, pope, mme, scienceqa, mmbench, seed, mmvet, and synthvqa (our synthetic set,
-:mod:`experiments.synthvqa`).  Each module's docstring names the official file and commit it reproduces and its
+:mod:`jaxprune.eval.synthvqa`).  Each module's docstring names the official file and commit it reproduces and its
 deviations.  Pure Python (PIL only to open images).
 """
 

@@ -106,7 +106,7 @@ def _log(msg: str) -> None:
 def run_sweep(cfg: SweepConfig, *, context: Context | None = None, after_batch: Callable[[int], None] | None = None
               ) -> SweepOutcome:
     """Run every (benchmark, reducer spec) of ``cfg``; write overlays and reports (process 0)."""
-    from experiments.benchmarks import get_benchmark
+    from jaxprune.eval.benchmarks import get_benchmark
 
     cfg.check_values()
     stop = cfg.on_error == "stop"

@@ -13,7 +13,7 @@ Design (multi-host answers): **one global batch, gathered answers, process 0 wri
   ``broadcast_one_to_all``, so the other processes need neither the output folder nor a shared filesystem for it.
 * Why not one file per process merged at the end: it needs a shared filesystem and a merge step that can race a
   crash; with gathering, the answers file has a single writer and the crash-safety argument of
-  :mod:`experiments.eval.answers` holds unchanged.  The cost (a small all-gather of token ids per batch) is
+  :mod:`jaxprune.eval.answers` holds unchanged.  The cost (a small all-gather of token ids per batch) is
   negligible next to generation.
 
 On CPU the collectives use gloo (``jax_cpu_collectives_implementation``), set by :func:`initialize`.
