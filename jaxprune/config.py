@@ -17,14 +17,16 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from jaxprune.errors import JaxpruneError
 
-class ConfigError(ValueError):
+
+class ConfigError(JaxpruneError, ValueError):
     """A config field we cannot honour. The message names the field."""
 
 
 # Keys that carry no numerics: HF PretrainedConfig bookkeeping, generation defaults, and training-only
 # settings (dropouts are inactive at inference). Ignored wherever they appear.
-_METADATA_KEYS = frozenset(
+METADATA_KEYS = frozenset(
     """architectures _name_or_path transformers_version torch_dtype dtype id2label label2id
     output_hidden_states output_attentions return_dict chunk_size_feed_forward is_encoder_decoder
     problem_type initializer_range initializer_factor use_cache torchscript use_bfloat16 pruned_heads
@@ -44,7 +46,7 @@ _PROJ_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_ge
 
 
 def _check_keys(d: Mapping[str, Any], used: set[str], where: str) -> None:
-    unknown = sorted(k for k in d if k not in used and k not in _METADATA_KEYS)
+    unknown = sorted(k for k in d if k not in used and k not in METADATA_KEYS)
     if unknown:
         raise ConfigError(
             f"unknown config field(s) {', '.join(where + k for k in unknown)}: jaxprune refuses fields it "

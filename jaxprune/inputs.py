@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.config import LlavaConfig
+from jaxprune.errors import JaxpruneError
 
 
-class InputError(ValueError):
+class InputError(JaxpruneError, ValueError):
     """Inputs that cannot be run; the message says which argument and why."""
 
 

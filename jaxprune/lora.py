@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.errors import JaxpruneError
 from jaxprune.model import tree_path_name
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -47,7 +48,7 @@ ARRAYS_DIR = "adapters"
 FORMAT = "jaxprune-lora/1"
 
 
-class LoraError(ValueError):
+class LoraError(JaxpruneError, ValueError):
     """Bad LoRA configuration, or adapters that do not fit a model / a checkpoint."""
 
 

@@ -50,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxprune.config import LlavaConfig
+from jaxprune.errors import JaxpruneError
 from jaxprune.model import Llava, tree_path_name
 from jaxprune.models.llava import LlavaModule
 from jaxprune.models.param_spec import param_shapes
@@ -60,7 +61,7 @@ VISION_POLICIES = ("auto", "shard", "replicate")
 _COL, _ROW, _REP = P(None, MODEL), P(MODEL, None), P()
 
 
-class ShardingError(ValueError):
+class ShardingError(JaxpruneError, ValueError):
     """A mesh / config / batch combination that cannot be placed; the message names the numbers."""
 
 
@@ -261,7 +262,7 @@ def load(path, mesh: Mesh, dtype=jnp.float32, *, vision: str = "auto", clip_dir=
          ) -> ShardedLlava:
     """``jp.load`` onto a mesh: the checkpoint is read to host memory, then each parameter is placed shard by
     shard (:func:`from_params`)."""
-    from checkpoints_convert import load_params
+    from jaxprune.checkpoints import load_params
 
     cfg, flat = load_params(path, dtype=None, clip_dir=clip_dir)
     return from_params(cfg, flat, mesh, dtype, vision, bucket)

@@ -20,7 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from checkpoints_convert import (  # noqa: E402
+from checkpoints_convert.__main__ import main as cli_main  # noqa: E402
+from jaxprune.checkpoints import (  # noqa: E402
     CheckpointFileError,
     DestinationExistsError,
     ParamMismatchError,
@@ -32,10 +33,9 @@ from checkpoints_convert import (  # noqa: E402
     write_safetensors,
     write_sharded,
 )
-from checkpoints_convert.__main__ import main as cli_main  # noqa: E402
-from checkpoints_convert.keys import LAYOUTS, canonical_to_hf, map_hf_key  # noqa: E402
-from checkpoints_convert.original import original_to_hf_dict  # noqa: E402
-from checkpoints_convert.safetensors_io import load_file, read_header  # noqa: E402
+from jaxprune.checkpoints.keys import LAYOUTS, canonical_to_hf, map_hf_key  # noqa: E402
+from jaxprune.checkpoints.original import original_to_hf_dict  # noqa: E402
+from jaxprune.checkpoints.safetensors_io import load_file, read_header  # noqa: E402
 from jaxprune.config import ConfigError, LlavaConfig, load_config  # noqa: E402
 from jaxprune.models.param_spec import param_shapes  # noqa: E402
 
@@ -74,7 +74,7 @@ def _read_dir(directory: Path) -> dict[str, np.ndarray]:
 
 
 def to_legacy(k: str) -> str:
-    """transformers-5 LLaVA key -> legacy llava-hf key (written independently of checkpoints_convert.keys)."""
+    """transformers-5 LLaVA key -> legacy llava-hf key (written independently of jaxprune.checkpoints.keys)."""
     if k.startswith("model.language_model."):
         return "language_model.model." + k[len("model.language_model."):]
     if k == "lm_head.weight":
@@ -326,7 +326,7 @@ def test_atomic_on_failure(world, tmp_path, monkeypatch):
     # a failure while writing: no DST, no temp dir; an existing DST survives a failed --force
     import importlib
 
-    cc = importlib.import_module("checkpoints_convert.convert")  # the package re-exports the function `convert`
+    cc = importlib.import_module("jaxprune.checkpoints.converted")  # the module that defines `convert`
 
     def boom(path, params):
         Path(path).mkdir()

@@ -46,7 +46,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from jaxprune.config import _METADATA_KEYS, ConfigError
+from jaxprune.checkpoints.keys import Spelling
+from jaxprune.config import METADATA_KEYS, ConfigError
 
 ORIGINAL_IMAGE_TOKEN_INDEX = 32000
 
@@ -161,7 +162,7 @@ def original_to_hf_dict(d: Mapping[str, Any], vision: Mapping[str, Any]) -> dict
         raise ConfigError(f"config field model_type={mt!r} is not implemented (original LLaVA checkpoints: only "
                           "'llava_llama', or the 1.5-era 'llava' with mm_* fields)")
     unknown = sorted(k for k in d if k not in LLAMA_KEYS | MM_KEYS | BENIGN_KEYS | set(REQUIRED_VALUES)
-                     and k not in _METADATA_KEYS)
+                     and k not in METADATA_KEYS)
     if unknown:
         raise ConfigError(f"unknown config field(s) {', '.join(unknown)} in an original LLaVA config: jaxprune "
                           "refuses fields it does not implement rather than ignore them")
@@ -194,7 +195,7 @@ def original_to_hf_dict(d: Mapping[str, Any], vision: Mapping[str, Any]) -> dict
     else:
         raise ConfigError(f"config fields image_aspect_ratio={aspect!r} with mm_patch_merge_type={merge!r} are not "
                           "implemented (supported: 'pad'/'square' with 'flat', 'anyres' with 'spatial_unpad')")
-    text = {k: v for k, v in d.items() if k in LLAMA_KEYS or (k in _METADATA_KEYS and k != "model_type")}
+    text = {k: v for k, v in d.items() if k in LLAMA_KEYS or (k in METADATA_KEYS and k != "model_type")}
     text["model_type"] = "llama"
     return {
         "model_type": model_type,
@@ -228,7 +229,7 @@ def normalize_clip_key(key: str) -> str | None:
 
 
 def normalize_original_key(key: str) -> str | None:
-    """An original-LLaVA key -> normal form (see :mod:`checkpoints_convert.keys`); unknown keys pass through."""
+    """An original-LLaVA key -> normal form (see :mod:`jaxprune.checkpoints.keys`); unknown keys pass through."""
     tower = "model.vision_tower.vision_tower."
     if key.startswith(tower):
         rest = key[len(tower):]
@@ -243,3 +244,22 @@ def normalize_original_key(key: str) -> str | None:
     if key.startswith("model.") and not key.startswith("model.vision_tower."):
         return "language_model." + key[len("model."):]
     return key
+
+
+def _original_spelling(name: str, tower: str) -> Spelling:
+    return Spelling(name, (("language_model.", "model."), ("lm_head.", "lm_head."), ("vision_tower.", tower),
+                           ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+                           ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
+                           ("image_newline", "model.image_newline")))
+
+
+#: How an original-LLaVA checkpoint spells normal-form keys (tower with or without ``vision_model.``).
+ORIGINAL_SPELLINGS: tuple[Spelling, ...] = (
+    _original_spelling("original", "model.vision_tower.vision_tower.vision_model."),
+    _original_spelling("original-flat-clip", "model.vision_tower.vision_tower."),
+)
+#: How a CLIP directory (``--clip-dir``) spells the tower's keys.
+CLIP_SPELLINGS: tuple[Spelling, ...] = (
+    Spelling("clip", (("vision_tower.", "vision_model."),)),
+    Spelling("clip-flat", (("vision_tower.", ""),)),
+)

@@ -7,19 +7,23 @@ the repository has no safetensors) and tokenizer / processor files.
 
 :func:`open_tensors` opens the tensor files of a directory (safetensors preferred, PyTorch ``.bin``
 as a fallback), and :func:`copy_support_files` copies the tokenizer, processor and generation files
-that travel with a converted checkpoint.
+that travel with a converted checkpoint. :func:`atomic_dir` writes a destination directory all at
+once (a temporary sibling renamed into place), for conversion and export alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
+from typing import Iterator
 
-from checkpoints_convert.errors import CheckpointFileError, ConvertError
-from checkpoints_convert.safetensors_io import INDEX_NAME, SafetensorsCheckpoint
-from checkpoints_convert.torch_bin import TorchBinCheckpoint, has_bin_checkpoint
+from jaxprune.checkpoints.errors import CheckpointError, CheckpointFileError, DestinationExistsError
+from jaxprune.checkpoints.safetensors_io import INDEX_NAME, SafetensorsCheckpoint
+from jaxprune.checkpoints.torch_bin import TorchBinCheckpoint, has_bin_checkpoint
 
 #: Files copied next to a converted checkpoint when the source has them.
 SUPPORT_FILES: tuple[str, ...] = (
@@ -48,7 +52,7 @@ def _download(repo: str) -> Path:
             weights = ["*.bin", "pytorch_model.bin.index.json"]
         path = snapshot_download(repo_id, revision=revision or None, allow_patterns=_META_PATTERNS + weights)
     except Exception as e:  # network, auth, missing repo: all user-facing
-        raise ConvertError(f"cannot download {repo!r} from the Hugging Face hub: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot download {repo!r} from the Hugging Face hub: {type(e).__name__}: {e}") from None
     return Path(path)
 
 
@@ -57,11 +61,11 @@ def resolve_source(src: str | os.PathLike) -> Path:
     p = Path(src).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise ConvertError(f"{p} is not a directory (expected a checkpoint directory with config.json)")
+            raise CheckpointError(f"{p} is not a directory (expected a checkpoint directory with config.json)")
         return p
     if isinstance(src, str) and is_hub_id(src):
         return _download(src)
-    raise ConvertError(f"{src}: no such directory (and not a Hugging Face hub id)")
+    raise CheckpointError(f"{src}: no such directory (and not a Hugging Face hub id)")
 
 
 def open_tensors(directory: Path) -> SafetensorsCheckpoint | TorchBinCheckpoint:
@@ -83,3 +87,26 @@ def copy_support_files(dst: Path, *sources: Path | None) -> list[str]:
                 copied.append(name)
                 break
     return copied
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: Path, force: bool) -> Iterator[Path]:
+    """Yield a temp directory next to ``dst``; on success it replaces ``dst``, on failure it is removed."""
+    if dst.exists() and not force:
+        raise DestinationExistsError(f"{dst} already exists (use --force / force=True to overwrite)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = dst.parent / f".{dst.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            trash = dst.parent / f".{dst.name}.old-{tag}"
+            os.replace(dst, trash)
+            os.replace(tmp, dst)
+            shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -7,7 +7,7 @@ device copy, and the checkpoint restores as NumPy arrays.
 
 Memory. orbax's default ``NumpyHandler`` deep-copies every host array before an (async) save and
 then writes all leaves concurrently, so saving a dict of arrays peaks near 2-3x its size. We save
-through a ``PyTreeCheckpointHandler`` whose registry holds :class:`_StreamingNumpyHandler`
+through a ``PyTreeCheckpointHandler`` whose registry holds a streaming ``NumpyHandler`` subclass
 (``deepcopy_host_arrays=False``; same on-disk format and ``np.ndarray`` type string as the
 default). Its leaves may be :class:`LazyArray` s: each is produced (read, transposed, cast) only
 when orbax is about to write it, with at most ``budget_bytes`` (default 256 MiB, or one larger
@@ -15,20 +15,20 @@ tensor) alive at a time, and dropped once written, so a conversion never holds t
 model (peak ~ runtime + budget). This relies on
 two private ``NumpyHandler`` hooks (``_background_serialize``, ``_open_and_write``, orbax
 0.11-0.12); when they are missing the lazy leaves are materialised up front instead (correct, but
-with the parameters' full size in memory).
+with the parameters' full size in memory). orbax itself is imported on first use, so importing
+:mod:`jaxprune.checkpoints` stays cheap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from orbax.checkpoint import type_handlers as _th
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,7 +83,6 @@ class LazyArray:
 
 
 DEFAULT_BUDGET_BYTES = 256 * 1024**2
-_STREAMING = all(hasattr(_th.NumpyHandler, m) for m in ("_background_serialize", "_open_and_write"))
 
 
 class _ByteBudget:
@@ -104,38 +103,55 @@ class _ByteBudget:
             self._cond.notify_all()
 
 
-class _StreamingNumpyHandler(_th.NumpyHandler):
-    """``NumpyHandler`` that materialises :class:`LazyArray` leaves just before writing them, with at most
-    ``budget_bytes`` of lazy leaves alive at once (small leaves go in parallel, big ones one by one)."""
+def _streaming() -> bool:
+    """Whether this orbax has the two private ``NumpyHandler`` hooks the streaming handler overrides."""
+    from orbax.checkpoint import type_handlers as th
 
-    def __init__(self, budget_bytes: int):
-        super().__init__(deepcopy_host_arrays=False)
-        self._budget_bytes = budget_bytes
-        self._budget: _ByteBudget | None = None
-
-    async def _background_serialize(self, values, infos, args=None):
-        self._budget = _ByteBudget(self._budget_bytes)  # bound to orbax's background event loop
-        return await super()._background_serialize(values, infos, args)
-
-    async def _open_and_write(self, value, tspec, ts_context):
-        if not isinstance(value, LazyArray):
-            return await super()._open_and_write(value, tspec, ts_context)
-        assert self._budget is not None
-        await self._budget.acquire(value.nbytes)
-        try:
-            arr = await asyncio.to_thread(value.materialize)
-            await super()._open_and_write(arr, tspec, ts_context)
-            del arr
-        finally:
-            await self._budget.release(value.nbytes)
+    return all(hasattr(th.NumpyHandler, m) for m in ("_background_serialize", "_open_and_write"))
 
 
-def _checkpointer(budget_bytes: int) -> ocp.Checkpointer:
-    numpy_handler = _StreamingNumpyHandler(budget_bytes) if _STREAMING else _th.NumpyHandler(deepcopy_host_arrays=False)
-    registry = _th.create_type_handler_registry(
+@functools.cache
+def _streaming_handler_class() -> type:
+    from orbax.checkpoint import type_handlers as th
+
+    class StreamingNumpyHandler(th.NumpyHandler):
+        """``NumpyHandler`` that materialises :class:`LazyArray` leaves just before writing them, with at most
+        ``budget_bytes`` of lazy leaves alive at once (small leaves go in parallel, big ones one by one)."""
+
+        def __init__(self, budget_bytes: int):
+            super().__init__(deepcopy_host_arrays=False)
+            self._budget_bytes = budget_bytes
+            self._budget: _ByteBudget | None = None
+
+        async def _background_serialize(self, values, infos, args=None):
+            self._budget = _ByteBudget(self._budget_bytes)  # bound to orbax's background event loop
+            return await super()._background_serialize(values, infos, args)
+
+        async def _open_and_write(self, value, tspec, ts_context):
+            if not isinstance(value, LazyArray):
+                return await super()._open_and_write(value, tspec, ts_context)
+            assert self._budget is not None
+            await self._budget.acquire(value.nbytes)
+            try:
+                arr = await asyncio.to_thread(value.materialize)
+                await super()._open_and_write(arr, tspec, ts_context)
+                del arr
+            finally:
+                await self._budget.release(value.nbytes)
+
+    return StreamingNumpyHandler
+
+
+def _checkpointer(budget_bytes: int):
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+
+    numpy_handler = (_streaming_handler_class()(budget_bytes) if _streaming()
+                     else th.NumpyHandler(deepcopy_host_arrays=False))
+    registry = th.create_type_handler_registry(
         (np.ndarray, numpy_handler),
         (LazyArray, numpy_handler),
-        (jax.Array, _th.ArrayHandler()),
+        (jax.Array, th.ArrayHandler()),
     )
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
@@ -146,7 +162,9 @@ def save_params(path: str | Path, params: Mapping[str, np.ndarray | LazyArray],
 
     At most ``budget_bytes`` of lazy leaves are materialised at once (a larger leaf goes alone).
     """
-    if not _STREAMING:
+    import orbax.checkpoint as ocp
+
+    if not _streaming():
         params = {k: v.materialize() if isinstance(v, LazyArray) else v for k, v in params.items()}
     ckptr = _checkpointer(budget_bytes)
     absl_logger = logging.getLogger("absl")
@@ -161,6 +179,8 @@ def save_params(path: str | Path, params: Mapping[str, np.ndarray | LazyArray],
 
 def restore_params(path: str | Path, dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
     """Read an orbax parameter directory back into a flat dict of NumPy arrays (cast to ``dtype`` if given)."""
+    import orbax.checkpoint as ocp
+
     path = Path(path).absolute()
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     try:

@@ -33,13 +33,17 @@ Ignorable keys (:data:`IGNORED`; skipped silently because they are buffers, not 
 
 The inverse (:func:`canonical_to_hf`) renders a canonical name in the ``"legacy"`` or ``"v5"``
 layout (``v5`` = what transformers 5 ``save_pretrained`` writes, i.e. the flattened CLIP keys).
+:class:`Spelling` / :func:`file_spelling` render a normal-form key the way one particular file spells
+its keys (:data:`HF_SPELLINGS` here, the original-LLaVA and CLIP ones in :mod:`jaxprune.checkpoints.original`),
+so an error about a missing tensor names it exactly as it would appear in that file.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
-from typing import Literal
+from typing import Callable, Iterable, Literal, Sequence
 
 Perm = tuple[int, ...] | None
 LINEAR: Perm = (1, 0)
@@ -215,3 +219,71 @@ def canonical_to_hf(name: str, layout: Layout) -> tuple[str, Perm]:
     """Canonical name -> (HF key in ``layout``, permutation turning the JAX array into the HF tensor)."""
     normal, perm = canonical_to_normal(name)
     return render_layout(normal, layout), perm
+
+
+@dataclasses.dataclass(frozen=True)
+class Spelling:
+    """How one on-disk layout spells normal-form keys: ``(normal prefix, file prefix)`` pairs.
+
+    :meth:`render` replaces the longest matching normal prefix by its file prefix (``None`` when no
+    prefix matches: the layout has no such part).
+    """
+
+    name: str
+    prefixes: tuple[tuple[str, str], ...]
+
+    def render(self, normal: str) -> str | None:
+        hits = [(n, f) for n, f in self.prefixes if normal.startswith(n)]
+        if not hits:
+            return None
+        n, f = max(hits, key=lambda nf: len(nf[0]))
+        return f + normal[len(n):]
+
+
+def _hf_spelling(name: str, decoder: str, head: str, tower: str, outer: str) -> Spelling:
+    return Spelling(name, ((_L, decoder), ("lm_head.", head), (_V, tower),
+                           ("multi_modal_projector.", outer + "multi_modal_projector."),
+                           ("image_newline", outer + "image_newline")))
+
+
+#: The HF LLaVA file layouts, most common first (the first wins a tie).
+HF_SPELLINGS: tuple[Spelling, ...] = (
+    _hf_spelling("legacy", "language_model.model.", "language_model.lm_head.", _V + "vision_model.", ""),
+    _hf_spelling("v5", "model.language_model.", "lm_head.", "model." + _V, "model."),
+    _hf_spelling("v5-nested-clip", "model.language_model.", "lm_head.", "model." + _V + "vision_model.", "model."),
+    _hf_spelling("legacy-flat-clip", "language_model.model.", "language_model.lm_head.", _V, ""),
+)
+
+
+def model_part(normal: str) -> str:
+    """The part of the model a normal-form key belongs to (``language_model``, ``lm_head``, ``vision_tower``, ...)."""
+    return normal.split(".", 1)[0]
+
+
+def file_spelling(mappings: Iterable[KeyMapping], spellings: Sequence[Spelling]) -> Callable[[str], str]:
+    """A function spelling a normal-form key the way the file holding ``mappings`` spells its keys.
+
+    For each part of the model (:func:`model_part`) the spelling that reproduces the most of the
+    file's keys of that part wins; a part with no key in the file takes the spelling that reproduces
+    the most keys overall (the first of ``spellings`` on a tie). So a file that mixes layouts (say,
+    transformers-5 decoder keys with a legacy CLIP tower) is answered part by part.
+    """
+    hits: collections.Counter = collections.Counter()
+    totals: collections.Counter = collections.Counter()
+    for m in mappings:
+        if m.status == "unknown":
+            continue
+        for i, sp in enumerate(spellings):
+            if sp.render(m.normal) == m.source:
+                hits[i, model_part(m.normal)] += 1
+                totals[i] += 1
+
+    def spell(normal: str) -> str:
+        part = model_part(normal)
+        for i in sorted(range(len(spellings)), key=lambda i: (-hits[i, part], -totals[i], i)):
+            key = spellings[i].render(normal)
+            if key is not None:
+                return key
+        return normal
+
+    return spell

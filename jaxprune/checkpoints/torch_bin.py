@@ -5,7 +5,7 @@ are published as pickled ``.bin`` files only, so the converter accepts them when
 installed. Loading uses ``torch.load(mmap=True, weights_only=True)``: no arbitrary code runs and the
 tensors stay file-backed until converted. safetensors is preferred whenever a directory has both.
 
-The object mirrors :class:`checkpoints_convert.safetensors_io.SafetensorsCheckpoint`: ``infos``
+The object mirrors :class:`jaxprune.checkpoints.safetensors_io.SafetensorsCheckpoint`: ``infos``
 (name -> :class:`BinTensorInfo`) and ``iter_tensors(names)`` yielding read-only NumPy views.
 """
 
@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from checkpoints_convert.errors import CheckpointFileError
+from jaxprune.checkpoints.errors import CheckpointFileError
 
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
@@ -77,13 +77,15 @@ _NP_OF = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.bfloa
 
 
 class TorchBinCheckpoint:
-    """``pytorch_model.bin`` or ``pytorch_model-*.bin`` + ``pytorch_model.bin.index.json``."""
+    """``pytorch_model.bin`` or ``pytorch_model-*.bin`` + ``pytorch_model.bin.index.json`` (``location``: the
+    index, else the single file)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self._loaded: dict[Path, dict] = {}
         self._lock = threading.Lock()
         index = self.directory / BIN_INDEX
+        self.location = index if index.is_file() else self.directory / BIN_SINGLE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
