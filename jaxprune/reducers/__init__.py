@@ -7,34 +7,53 @@
 Stages: ``vision`` (inside/after CLIP), ``projector`` (before the LLM), ``llm`` (cuts after decoder
 layer K). Low-level primitives live in ``jaxprune.reducers._core``; contexts and return types in
 ``base`` (pre-LLM) and ``llm`` (in-LLM); ``registry.make(name, budget, cfg)`` builds any reducer by name.
+
+A method is one module of this package: its spec, its factory, its ``registry.register(...)`` line(s) and its
+``__all__``. Every public module here is imported when the package is (:func:`_discover`), so the module's
+registrations reach :mod:`~jaxprune.reducers.registry` and its ``__all__`` names become ``jaxprune.reducers.<name>``;
+adding a file is all it takes. Modules without ``__all__`` (the framework: ``base``, ``llm``, ``compose``,
+``options``, ``registry``) export nothing this way; their public names are imported explicitly below.
 """
+
+import importlib
+import pkgutil
 
 from jaxprune.reducers._core import (complement_indices, cosine_similarity, gather, merge_into, select_topk,
                                      uniform_indices)
-from jaxprune.reducers.adafv import AdaFV, adafv
-from jaxprune.reducers.adsc import ADSCCut, adsc, adsc_plan, adsc_schedule
 from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext
-from jaxprune.reducers.consensusdrop import ConsensusDrop, consensusdrop
-from jaxprune.reducers.controls import Pool, RandomPrune, Uniform, pool, pool2x2, random_prune, uniform
-from jaxprune.reducers.dart import DART, dart
-from jaxprune.reducers.divprune import DivPrune, divprune
-from jaxprune.reducers.fastervlm import FasterVLM, fastervlm
-from jaxprune.reducers.fastv import FastV, fastv
-from jaxprune.reducers.llm import LLMContext, LLMReduced
 from jaxprune.reducers.compose import Compose, compose
+from jaxprune.reducers.llm import LLMContext, LLMReduced
 from jaxprune.reducers.options import NextOptions, next_options
-from jaxprune.reducers.pyramiddrop import PyramidDropCut, pyramiddrop, pyramiddrop_for_average
-from jaxprune.reducers.visiondrop_llm import (VisionDropCut, visiondrop, visiondrop_llm, visiondrop_released,
-                                              visiondrop_schedule)
-from jaxprune.reducers.visiondrop_vision import VisionDropVision, visiondrop_vision
-from jaxprune.reducers.visionzip import VisionZip, visionzip
 
-__all__ = [
-    "ADSCCut", "AdaFV", "BudgetError", "Compose", "ConsensusDrop", "DART", "DivPrune", "FastV", "FasterVLM",
-    "LLMContext", "LLMReduced", "NextOptions", "next_options", "Pool", "ProjectorContext", "PyramidDropCut", "RandomPrune", "Reduced", "Uniform",
-    "VisionContext", "VisionDropCut", "VisionDropVision", "VisionZip", "adafv", "adsc", "adsc_plan",
-    "adsc_schedule", "compose", "consensusdrop", "dart", "divprune", "fastervlm", "fastv", "pool", "pool2x2",
-    "pyramiddrop", "pyramiddrop_for_average", "random_prune", "uniform", "visiondrop", "visiondrop_llm",
-    "visiondrop_released", "visiondrop_schedule", "visiondrop_vision", "visionzip",
-    "complement_indices", "cosine_similarity", "gather", "merge_into", "select_topk", "uniform_indices",
-]
+_FRAMEWORK = ["BudgetError", "Compose", "LLMContext", "LLMReduced", "NextOptions", "ProjectorContext", "Reduced",
+              "VisionContext", "compose", "next_options",
+              "complement_indices", "cosine_similarity", "gather", "merge_into", "select_topk", "uniform_indices"]
+
+# Engine code that still lives in this package (being moved out): the model imports it lazily; importing it
+# here would pull the model into every ``import jaxprune.reducers``. Names that no longer exist are ignored.
+_NOT_DISCOVERED = frozenset({"plan", "plan_next"})
+
+
+def _discover() -> list[str]:
+    """Import every public module of the package (sorted by name), then re-export each one's ``__all__``.
+
+    Raises ImportError when two modules export the same name for different objects (a new file silently
+    shadowing another method's name would otherwise go unnoticed)."""
+    mods = [importlib.import_module(f"{__name__}.{info.name}")
+            for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name)
+            if not info.name.startswith("_") and info.name not in _NOT_DISCOVERED]
+    # second pass: importing a submodule binds its name on the package (``reducers.visionzip`` = the module),
+    # so the exported functions of the same name are bound only after every import is done
+    exported: dict[str, str] = {n: __name__ for n in _FRAMEWORK}
+    for mod in mods:
+        for name in getattr(mod, "__all__", ()):
+            obj = getattr(mod, name)
+            if name in exported and globals().get(name) is not obj:
+                raise ImportError(f"jaxprune.reducers: {mod.__name__} exports {name!r}, already exported by "
+                                  f"{exported[name]}")
+            exported.setdefault(name, mod.__name__)
+            globals()[name] = obj
+    return sorted(exported)
+
+
+__all__ = _discover()

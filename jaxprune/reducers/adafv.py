@@ -71,6 +71,7 @@ import jax.numpy as jnp
 
 from jaxprune.reducers._core import cosine_similarity, masked_softmax, select_topk
 from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, ReducerBase, check_budget
+from jaxprune.reducers.registry import register
 
 _SCALE = 100.0  # the code's softmax temperature 0.01
 _TEXT = ("after_image", "all")
@@ -175,3 +176,8 @@ def adafv(budget: int, dedupe: bool = False, quota: float = 0.25,
           text_tokens: Literal["after_image", "all"] = "after_image") -> AdaFV:
     """AdaV (self-adaptive mix of CLS saliency and text-image similarity), ``2*floor(budget/2)`` tokens."""
     return AdaFV(budget=budget, dedupe=dedupe, quota=quota, text_tokens=text_tokens)
+
+
+register("adafv", lambda b, c: adafv(b))
+
+__all__ = ["AdaFV", "adafv"]

@@ -94,6 +94,7 @@ from jaxprune.reducers._core import strided_grid_indices
 from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
 from jaxprune.reducers.plan import Compose, compose
+from jaxprune.reducers.registry import final_keeps, register
 
 _MODES = ("raster", "grid")
 _POSITIONS = ("keep", "renumber")
@@ -373,3 +374,15 @@ def adsc_schedule(average: float, num_layers: int = 32, total: int = 576, mode: 
     ls, ks = adsc_plan(average, num_layers, total, mode, layers, grid)
     g = (grid or _square(total)) if mode == "grid" else None
     return adsc(ls, ks, mode=mode, grid=g, positions=positions)
+
+
+register("adsc", lambda b, c: adsc_schedule(b, num_layers=c.text.num_hidden_layers, total=c.tokens_per_image))
+register("adsc_grid", lambda b, c: adsc_schedule(b, num_layers=c.text.num_hidden_layers, total=c.tokens_per_image,
+                                                  mode="grid"))
+
+
+@register("adsc_final")
+def _adsc_final(budget: int, cfg) -> Compose:
+    """``budget`` = visual tokens left after the last cut (``registry.final_keeps``), default layers."""
+    layers = default_layers(cfg.text.num_hidden_layers)
+    return adsc(*_drop_noops(layers, final_keeps(budget, cfg.tokens_per_image, len(layers)), cfg.tokens_per_image))

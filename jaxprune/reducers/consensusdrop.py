@@ -89,6 +89,7 @@ from jaxprune.reducers._core import (
     select_topk,
 )
 from jaxprune.reducers.base import ProjectorContext, Reduced, ReducerBase, check_budget
+from jaxprune.reducers.registry import register
 
 SOURCES = ("shallow", "proxy")
 FUSIONS = ("rrf", "borda", "minmax")
@@ -239,3 +240,9 @@ def consensusdrop(budget: int, source: str = "shallow", shallow_layers: int | No
     default there) for ``source="proxy"``."""
     return ConsensusDrop(budget=budget, source=source, shallow_layers=shallow_layers, fusion=fusion, merge=merge,
                          query_rows=query_rows)
+
+
+register("consensusdrop", lambda b, c: consensusdrop(b))
+register("consensusdrop_proxy", lambda b, c: consensusdrop(b, source="proxy"))
+
+__all__ = ["ConsensusDrop", "consensusdrop"]

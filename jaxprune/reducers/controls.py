@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from jaxprune.reducers._core import pool_2d, select_topk
 from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, ReducerBase, check_budget
+from jaxprune.reducers.registry import register
 
 _RULES = ("floor", "center", "step")
 
@@ -172,3 +173,9 @@ def pool(window: int, budget: int | None = None) -> Pool:
 def pool2x2(budget: int | None = None) -> Pool:
     """2x2 average pooling of the projected tokens: ``P / 4`` tokens (144 for 576)."""
     return Pool(window=2, budget=budget)
+
+
+register("random", lambda b, c: random_prune(b))
+register("uniform", lambda b, c: uniform(b))
+
+__all__ = ["Pool", "RandomPrune", "Uniform", "pool", "pool2x2", "random_prune", "uniform"]

@@ -74,6 +74,7 @@ from jax import lax
 from jaxprune.reducers._core import cosine_similarity, select_topk
 from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
+from jaxprune.reducers.registry import register
 
 _ORDERS = ("cpython", "ascending")
 _LINEAR_PROBES = 9   # CPython Objects/setobject.c
@@ -253,3 +254,8 @@ def dart(layer: int = 2, keep: int = 128, pivot_image: int = 4, pivot_text: int 
          order: str = "cpython") -> DART:
     """DART spec (official defaults): ``dart(layer=2, keep=128)`` -> 132 visual tokens after layer 2."""
     return DART(layer=layer, keep=keep, pivot_image=pivot_image, pivot_text=pivot_text, order=order)
+
+
+register("dart", lambda b, c: dart(layer=2, keep=b))
+
+__all__ = ["DART", "dart"]

@@ -51,6 +51,7 @@ from jax import lax
 
 from jaxprune.reducers._core import cosine_similarity
 from jaxprune.reducers.base import ProjectorContext, Reduced, ReducerBase, check_budget
+from jaxprune.reducers.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,3 +111,8 @@ class DivPrune(ReducerBase):
 def divprune(budget: int) -> DivPrune:
     """Keep ``budget`` maximally diverse projected visual tokens per image (greedy max-min 1 - cos)."""
     return DivPrune(budget=budget)
+
+
+register("divprune", lambda b, c: divprune(b))
+
+__all__ = ["DivPrune", "divprune"]

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from jaxprune.reducers._core import select_topk
 from jaxprune.reducers.base import ProjectorContext, Reduced, ReducerBase, check_budget
+from jaxprune.reducers.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,3 +37,8 @@ class FasterVLM(ReducerBase):
 
 def fastervlm(budget: int) -> FasterVLM:
     return FasterVLM(budget=budget)
+
+
+register("fastervlm", lambda b, c: fastervlm(b))
+
+__all__ = ["FasterVLM", "fastervlm"]

@@ -25,6 +25,7 @@ from jaxprune.models.attention import attention_rows
 from jaxprune.reducers._core import select_topk
 from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
+from jaxprune.reducers.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,3 +66,8 @@ class FastV(LLMReducerBase):
 def fastv(layer: int = 2, keep: int | None = None, ratio: float | None = None) -> FastV:
     """FastV spec: ``fastv(layer=2, keep=64)`` or ``fastv(layer=2, ratio=0.5)``."""
     return FastV(layer=layer, keep=keep, ratio=ratio)
+
+
+register("fastv", lambda b, c: fastv(layer=2, keep=b))
+
+__all__ = ["FastV", "fastv"]

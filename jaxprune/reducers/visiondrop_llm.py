@@ -83,6 +83,7 @@ from jaxprune.reducers._core import (assign_argmax, complement_indices, cosine_s
 from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
 from jaxprune.reducers.plan import Compose, compose
+from jaxprune.reducers.registry import register
 from jaxprune.reducers.pyramiddrop import _check_layers, average_visual_tokens, scale_layers
 from jaxprune.reducers.visiondrop_vision import VisionDropVision  # stage A
 
@@ -259,3 +260,4 @@ def visiondrop_released(num_layers: int = 32, vision_layer: int | None = None) -
 
 visiondrop.released = visiondrop_released  # type: ignore[attr-defined]
 visiondrop.schedule = visiondrop_schedule  # type: ignore[attr-defined]
+register("visiondrop", lambda b, c: visiondrop_schedule(b, num_layers=c.text.num_hidden_layers))

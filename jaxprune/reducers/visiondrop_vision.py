@@ -45,6 +45,7 @@ from typing import ClassVar
 
 from jaxprune.reducers.base import BudgetError, Reduced, ReducerBase, VisionContext, check_budget
 from jaxprune.reducers.visionzip import check_split, dominant_contextual
+from jaxprune.reducers.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,5 +89,7 @@ def visiondrop_vision(dominant: int = 42, contextual: int = 6, vision_layer: int
     """VisionDrop stage A; defaults are the released LLaVA-1.5 setting (42 + 6 at the feature layer)."""
     return VisionDropVision(dominant=dominant, contextual=contextual, vision_layer=vision_layer)
 
+
+register("visiondrop_vision", lambda b, c: VisionDropVision.for_budget(b))
 
 __all__ = ["VisionDropVision", "visiondrop_vision"]

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from jaxprune.reducers._core import (assign_argmax, complement_indices, cosine_similarity, gather, merge_into,
                                      select_topk)
 from jaxprune.reducers.base import BudgetError, Reduced, ReducerBase, VisionContext, check_budget
+from jaxprune.reducers.registry import register
 
 
 def check_split(name: str, dominant: int, contextual: int, patches: int | None = None) -> int:
@@ -156,5 +157,6 @@ def visionzip(dominant: int, contextual: int) -> VisionZip:
 
 
 visionzip.for_budget = VisionZip.for_budget  # type: ignore[attr-defined]
+register("visionzip", lambda b, c: VisionZip.for_budget(b))
 
 __all__ = ["VisionZip", "visionzip", "dominant_contextual", "check_split"]
