@@ -1,8 +1,11 @@
-"""Reducer registration: each method file registers itself and the package discovers the files."""
+"""Reducer registration: each method file registers itself, the package discovers the files, and every spec
+declares how its budget spreads over segments (``per_segment``)."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
 import inspect
 import sys
 import textwrap
@@ -11,7 +14,7 @@ import pytest
 
 import jaxprune.reducers as R
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
-from jaxprune.reducers import registry
+from jaxprune.reducers import BudgetError, registry
 from tests.reducer_testlib import E2E_CFG
 
 # ``jaxprune.reducers.__all__`` before registration moved into the method files (commit 26c9b7b).
@@ -152,6 +155,7 @@ def test_a_new_file_is_discovered(tmp_path, monkeypatch):
         assert "toy" in registry.names() and registry.make("toy", 7, E2E_CFG).budget == 7
         assert {"Toy", "toy"} <= set(names) and R.toy(3) == R.Toy(3)
         assert set(OLD_ALL) <= set(names)
+        assert R.Toy(8).per_segment(4) == R.Toy(2)  # the default per-segment rule comes with the base class
     finally:
         for k in set(vars(R)) - set(before):
             delattr(R, k)
@@ -171,3 +175,81 @@ def test_two_files_exporting_one_name_is_an_error(tmp_path, monkeypatch):
         sys.modules.pop("jaxprune.reducers.zz_clash", None)
         if hasattr(R, "zz_clash"):
             delattr(R, "zz_clash")
+
+
+# ---------------------------------------------------------------------------------------------------
+# per_segment: the declared rule. Reference: the field-name rule it replaces (``per_crop_spec`` as of 26c9b7b),
+# transcribed here so the check survives that function being switched to ``r.per_segment(n)``.
+def _per_crop_spec_by_field_names(r, n: int):
+    name = type(r).__name__
+    fields = {f.name for f in dataclasses.fields(r)} if dataclasses.is_dataclass(r) else set()
+    if "window" in fields:
+        return r
+    if {"dominant", "contextual"} <= fields:
+        d, c = r.dominant, r.contextual
+        t = (d + c) // n
+        if t < 2:
+            raise BudgetError(f"{name}: dominant={d} + contextual={c} over {n} crops leaves {t} token(s) per crop; "
+                              "a per-crop split needs >= 2 (one dominant incl. CLS + one contextual)")
+        c2 = max(1, (2 * c * t + (d + c)) // (2 * (d + c)))
+        c2 = min(c2, t - 1)
+        return dataclasses.replace(r, dominant=t - c2, contextual=c2)
+    if "budget" in fields and r.budget is not None:
+        b = r.budget // n
+        if b < 1:
+            raise BudgetError(f"{name}.budget={r.budget} over {n} crops leaves no token per crop")
+        return dataclasses.replace(r, budget=b)
+    return r
+
+
+def _live_per_crop_spec():
+    for mod in ("jaxprune.families.llava_next", "jaxprune.reducers.plan_next"):
+        try:
+            return importlib.import_module(mod).per_crop_spec
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _pre_llm_specs():
+    """Every registered vision/projector-stage reducer at a few budgets, plus the pooling controls."""
+    specs = []
+    for name in registry.names():
+        for b in (2, 3, 7, 16, 48, 64, 143, 640):
+            try:
+                r = registry.make(name, b, E2E_CFG)
+            except BudgetError:
+                continue
+            if getattr(r, "stage", None) in ("vision", "projector"):
+                specs.append(r)
+    specs += [R.pool2x2(), R.pool(3), R.pool2x2(budget=36), R.visionzip(54, 10), R.visionzip(540, 100)]
+    return specs
+
+
+def test_per_segment_equals_the_field_name_rule_for_every_pre_llm_reducer():
+    specs = _pre_llm_specs()
+    kinds = {type(r).__name__ for r in specs}
+    assert {"FasterVLM", "VisionZip", "VisionDropVision", "AdaFV", "DivPrune", "ConsensusDrop", "RandomPrune",
+            "Uniform", "Pool"} <= kinds, kinds
+    live = _live_per_crop_spec()
+    for r in specs:
+        for n in (1, 2, 3, 5, 9):
+            got = _outcome(r.per_segment, n)
+            assert got == _outcome(_per_crop_spec_by_field_names, r, n), (r, n, got)
+            if live is not None:
+                assert got == _outcome(live, r, n), (r, n, got)
+    assert R.visionzip(540, 100).per_segment(5) == R.visionzip(108, 20)
+    assert R.fastervlm(640).per_segment(5) == R.fastervlm(128)
+    with pytest.raises(BudgetError, match="over 5 crops leaves no token per crop"):
+        R.fastervlm(4).per_segment(5)
+
+
+def test_per_segment_is_declared_not_inferred():
+    # a spec without a budget field has no rule unless it declares one (in-LLM cuts count the row's pool)
+    with pytest.raises(NotImplementedError, match="FastV declares no per-segment budget rule"):
+        R.fastv(layer=2, keep=64).per_segment(2)
+    # the pool keeps its fixed per-segment output even though it has a (optional) budget field
+    assert R.pool2x2(budget=36).per_segment(4) is not None and R.pool2x2(budget=36).per_segment(4).budget == 36
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="positive Python int"):
+            R.fastervlm(8).per_segment(bad)

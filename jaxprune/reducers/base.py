@@ -119,6 +119,27 @@ class ReducerBase:
         """Visual tokens per image after this reducer, given ``available`` in; validates the budget."""
         return check_budget(f"{type(self).__name__}.budget", self.budget, available)  # type: ignore[attr-defined]
 
+    def per_segment(self, n: int) -> "ReducerBase":
+        """This spec with its image budget split over ``n`` segments (anyres crops, video frames) that each run
+        it separately: the declared rule that per-segment reductions use, never inferred from field names.
+
+        Default: ``budget // n`` on the dataclass field ``budget`` (:class:`BudgetError` if that leaves no token
+        per segment). A spec whose budget is not one ``budget`` field (a dominant/contextual split, a fixed
+        pooling output) overrides this; without an override a spec with no ``budget`` field has no rule and
+        raises ``NotImplementedError``."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"per_segment: n must be a positive Python int, got {n!r}")
+        name = type(self).__name__
+        fields = {f.name for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else set()
+        budget = getattr(self, "budget", None) if "budget" in fields else None
+        if budget is None:
+            raise NotImplementedError(f"{name} declares no per-segment budget rule (no `budget` field); it must "
+                                      f"override per_segment(n)")
+        b = budget // n
+        if b < 1:
+            raise BudgetError(f"{name}.budget={budget} over {n} crops leaves no token per crop")
+        return dataclasses.replace(self, budget=b)
+
     @property
     def stage_order(self) -> int:
         return STAGE_ORDER[self.stage]

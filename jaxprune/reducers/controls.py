@@ -133,6 +133,12 @@ class Pool(ReducerBase):
                               f"{self.window} pool of {available} tokens gives")
         return out
 
+    def per_segment(self, n: int) -> "Pool":
+        """Itself: a pool has a fixed output per segment (``P / window**2`` of each), no budget to split."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"per_segment: n must be a positive Python int, got {n!r}")
+        return self
+
     def __call__(self, ctx: ProjectorContext) -> Reduced:
         h, w = ctx.grid
         win = self.window

@@ -44,7 +44,7 @@ import dataclasses
 from typing import ClassVar
 
 from jaxprune.reducers.base import BudgetError, Reduced, ReducerBase, VisionContext, check_budget
-from jaxprune.reducers.visionzip import check_split, dominant_contextual
+from jaxprune.reducers.visionzip import check_split, dominant_contextual, split_per_segment
 from jaxprune.reducers.registry import register
 
 
@@ -73,6 +73,10 @@ class VisionDropVision(ReducerBase):
     def __call__(self, ctx: VisionContext) -> Reduced:
         self.output_tokens(ctx.num_patches)
         return dominant_contextual(ctx, self.dominant, self.contextual)
+
+    def per_segment(self, n: int) -> "VisionDropVision":
+        """VisionZip's rule: the dominant/contextual split scaled to ``(d + c) // n`` tokens per segment."""
+        return split_per_segment(self, n)
 
     @classmethod
     def for_budget(cls, budget: int, vision_layer: int | None = None) -> "VisionDropVision":

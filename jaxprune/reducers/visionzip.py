@@ -117,6 +117,23 @@ def dominant_contextual(ctx: VisionContext, dominant: int, contextual: int) -> R
     return Reduced(tokens=tokens, index=index, valid=ok)
 
 
+def split_per_segment(spec, n: int):
+    """``spec`` (a dominant incl. CLS + contextual split) with its total ``t = (d + c) // n`` per segment, the
+    ratio kept: ``c' = max(1, round_half_up(c * t / (d + c)))`` (at most ``t - 1``), ``d' = t - c'``
+    (540 + 100 over 5 crops -> 108 + 20, the LLaVA-1.5 split of 128). :class:`BudgetError` if ``t < 2``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"per_segment: n must be a positive Python int, got {n!r}")
+    name = type(spec).__name__
+    d, c = spec.dominant, spec.contextual
+    t = (d + c) // n
+    if t < 2:
+        raise BudgetError(f"{name}: dominant={d} + contextual={c} over {n} crops leaves {t} token(s) per crop; "
+                          "a per-crop split needs >= 2 (one dominant incl. CLS + one contextual)")
+    c2 = max(1, (2 * c * t + (d + c)) // (2 * (d + c)))  # round half up of c * t / (d + c)
+    c2 = min(c2, t - 1)
+    return dataclasses.replace(spec, dominant=t - c2, contextual=c2)
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionZip(ReducerBase):
     """``dominant`` tokens (CLS included) + ``contextual`` merged tokens at the CLIP feature layer."""
@@ -139,6 +156,10 @@ class VisionZip(ReducerBase):
     def __call__(self, ctx: VisionContext) -> Reduced:
         self.output_tokens(ctx.num_patches)
         return dominant_contextual(ctx, self.dominant, self.contextual)
+
+    def per_segment(self, n: int) -> "VisionZip":
+        """The dominant/contextual split scaled to ``(d + c) // n`` tokens per segment (:func:`split_per_segment`)."""
+        return split_per_segment(self, n)
 
     @classmethod
     def for_budget(cls, budget: int) -> "VisionZip":
