@@ -82,8 +82,9 @@ def _fastv_layer(cfg: LlavaConfig, n: int) -> float:
 def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: int = 1, batch: int = 1
                  ) -> PrefillCost:
     """FLOPs of one prefill of ``batch`` rows, each ``text_tokens`` text tokens plus ``images`` images."""
-    from jaxprune.reducers.llm import check_llm_reducers
-    from jaxprune.reducers.plan import as_tuple, visual_budget
+    from jaxprune.engine.cuts import check_llm_reducers
+    from jaxprune.families.llava import visual_budget
+    from jaxprune.reducers.compose import as_tuple
 
     reducers = () if reducer is None else as_tuple(reducer)
     v = cfg.vision
@@ -102,7 +103,7 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
     per_image_proj = s - (0 if full else 1)
     projector = 2 * per_image_proj * (v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size ** 2)
     k = visual_budget(cfg, reducers) if reducers else cfg.tokens_per_image
-    counts = check_llm_reducers(cfg, reducers, None, images, k)
+    counts = check_llm_reducers(cfg, reducers, images, k)
     llm_cuts = [r for r in reducers if r.stage == "llm"]
     cuts = [r.layer for r in llm_cuts] + [cfg.text.num_hidden_layers]
     segs, start = [], 0

@@ -1,16 +1,14 @@
 """The public model object: ``jp.load(path)`` -> :class:`Llava` with ``__call__`` and ``generate``.
 
-The NNX module is split once into ``(graphdef, params)``; every entry point is a ``jax.jit`` of a
-pure function of ``(params, arrays)`` with the graphdef closed over, so a call never re-traverses
-the module graph and a shape bucket compiles once. Prompts are right-padded (mask 0) up to a
-multiple of ``bucket`` tokens before tracing, which is exact under causal attention, so prompts of
-nearby lengths share one compiled program.
+The NNX module is split once into ``(graphdef, params)``; every entry point goes through the engine
+(:mod:`jaxprune.engine`): a host-side :func:`~jaxprune.engine.plan` (validation, static layout, bucketing), then
+the jitted programs of :class:`~jaxprune.engine.Programs` -- pure functions of ``(params, arrays)`` with the
+graphdef closed over, so a call never re-traverses the module graph and a shape bucket compiles once. Prompts
+are right-padded (mask 0) up to a multiple of ``bucket`` tokens, exact under causal attention.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -18,20 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxprune import generate as gen
+from jaxprune import engine
 from jaxprune.config import LlavaConfig
-from jaxprune.inputs import Batch, prepare_batch
-from jaxprune.models import anyres as _anyres
+from jaxprune.engine import LlavaOutput, Plan
 from jaxprune.models.llava import LlavaModule
 from jaxprune.models.param_spec import param_shapes
-
-
-@dataclasses.dataclass(frozen=True)
-class LlavaOutput:
-    logits: jax.Array  # [B, T_out, V] fp32
-    attention_mask: jax.Array | None = None  # [B, T_out] validity of the (reduced) sequence; None = as given
-    kept: jax.Array | None = None            # [N_img, k] source patch index of each visual token (-1: empty/CLS)
-    kept_valid: jax.Array | None = None      # [N_img, k] bool
 
 
 def _path_name(path: tuple) -> str:
@@ -63,10 +52,7 @@ class Llava:
         self.params = params
         self.dtype = jnp.dtype(dtype)
         self.bucket = int(bucket)
-        self._forward = jax.jit(functools.partial(_forward_fn, graphdef))
-        self._prefill = jax.jit(functools.partial(_prefill_fn, graphdef), static_argnames=("max_new_tokens",))
-        self._decode = jax.jit(functools.partial(_decode_fn, graphdef),
-                               static_argnames=("max_new_tokens", "eos_ids", "pad_id"))
+        self.programs = engine.Programs(graphdef)
 
     # ---- construction ----------------------------------------------------------------------------
     @staticmethod
@@ -110,29 +96,25 @@ class Llava:
         return nnx.merge(self.graphdef, self.params)
 
     # ---- entry points ----------------------------------------------------------------------------
-    def prepare(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None,
-                position_ids=None) -> Batch:
-        return prepare_batch(self.cfg, input_ids, pixel_values, attention_mask, image_sizes, position_ids,
-                             bucket=self.bucket, dtype=self.dtype)
+    def put_arrays(self, arrays: dict) -> dict:
+        """Place a plan's host arrays on the device(s) (the sharded model overrides this)."""
+        return jax.tree_util.tree_map(jnp.asarray, arrays)
+
+    def plan(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, reducer=None,
+             position_ids=None) -> Plan:
+        """Validate a call and fix its static layout (:func:`jaxprune.engine.plan`)."""
+        return engine.plan(self, input_ids, pixel_values, attention_mask, image_sizes, reducer, position_ids)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, reducer=None,
                  position_ids=None) -> LlavaOutput:
         """Logits ``[B, T, V]`` for HF-style inputs (``reducer=None``: exactly HF's layout).
 
         ``position_ids`` default to ``cumsum(attention_mask) - 1`` (what HF ``generate`` uses); HF's
-        plain forward uses ``arange(T)``, which differs only on left-padded rows.
-        """
-        if reducer is not None:
-            from jaxprune.reducers.plan import run_forward  # reducers plug in here
-
-            return run_forward(self, input_ids, pixel_values, attention_mask, image_sizes, reducer, position_ids)
-        b = self.prepare(input_ids, pixel_values, attention_mask, image_sizes, position_ids)
-        if b.anyres is not None:  # llava_next: static packing plan built on the host from image_sizes
-            logits = self._forward(self.params, b.input_ids, b.pixel_values, b.valid, b.positions,
-                                   anyres=b.anyres.device_arrays)
-            return LlavaOutput(logits=logits[:, : b.length])
-        logits = self._forward(self.params, b.input_ids, b.pixel_values, b.valid, b.positions)
-        return LlavaOutput(logits=logits[:, : b.length])
+        plain forward uses ``arange(T)``, which differs only on left-padded rows. With a reducer, the
+        logits cover the reduced sequence (``out.attention_mask`` its validity, ``out.kept`` the source of
+        each visual token)."""
+        return engine.forward(self, self.plan(input_ids, pixel_values, attention_mask, image_sizes, reducer,
+                                              position_ids))
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, reducer=None,
                  max_new_tokens: int = 32, eos_token_id: int | tuple[int, ...] | None = None,
@@ -140,47 +122,16 @@ class Llava:
         """Greedy decoding: ``[B, max_new_tokens]`` int32; rows that hit EOS are filled with the pad id."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        eos, pad = self.stop_ids(eos_token_id, pad_token_id)
+        p = self.plan(input_ids, pixel_values, attention_mask, image_sizes, reducer)
+        state = engine.prefill(self, p, max_new_tokens)
+        return engine.decode(self, state, max_new_tokens, eos, pad)
+
+    def stop_ids(self, eos_token_id=None, pad_token_id=None) -> tuple[tuple[int, ...], int]:
+        """``(eos ids, pad id)`` for generation: the given ones, else the config's (pad falls back to EOS, then 0)."""
         eos = self.cfg.text.eos_token_id if eos_token_id is None else (
             (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        eos = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
         pad = pad_token_id if pad_token_id is not None else (
             self.cfg.text.pad_token_id if self.cfg.text.pad_token_id is not None else (eos[0] if eos else 0))
-        if reducer is not None:
-            from jaxprune.reducers.plan import run_generate
-
-            return run_generate(self, input_ids, pixel_values, attention_mask, image_sizes, reducer,
-                                max_new_tokens, tuple(eos), int(pad))
-        b = self.prepare(input_ids, pixel_values, attention_mask, image_sizes)
-        if b.anyres is not None:  # llava_next
-            state = self._prefill(self.params, b.input_ids, b.pixel_values, b.valid, b.positions,
-                                  max_new_tokens=max_new_tokens, anyres=b.anyres.device_arrays)
-            return self._decode(self.params, state, max_new_tokens=max_new_tokens, eos_ids=tuple(eos),
-                                pad_id=int(pad))
-        state = self._prefill(self.params, b.input_ids, b.pixel_values, b.valid, b.positions,
-                              max_new_tokens=max_new_tokens)
-        return self._decode(self.params, state, max_new_tokens=max_new_tokens, eos_ids=tuple(eos), pad_id=int(pad))
-
-
-def _embed(m: LlavaModule, input_ids, pixel_values, anyres_arrays=None):
-    """``anyres_arrays``: llava_next only, ``(gather_index [N, M], valid [N, M])`` from
-    :func:`jaxprune.models.anyres.build_layout`; ``pixel_values`` are then ``[N, crops, C, S, S]``."""
-    if pixel_values is None:
-        return m.embed_text(input_ids)
-    if anyres_arrays is not None:
-        return _anyres.embed(m, input_ids, pixel_values, *anyres_arrays)
-    return m.merge(input_ids, m.image_features(pixel_values))
-
-
-def _forward_fn(graphdef, params, input_ids, pixel_values, valid, positions, anyres=None):
-    m = nnx.merge(graphdef, params)
-    return gen.full_logits(m, _embed(m, input_ids, pixel_values, anyres), positions, valid)
-
-
-def _prefill_fn(graphdef, params, input_ids, pixel_values, valid, positions, *, max_new_tokens, anyres=None):
-    """Jitted prefill: first-token logits plus the decode state (caches sized ``T + max_new_tokens``)."""
-    m = nnx.merge(graphdef, params)
-    return gen.prefill(m, _embed(m, input_ids, pixel_values, anyres), positions, valid, max_new_tokens)
-
-
-def _decode_fn(graphdef, params, state, *, max_new_tokens, eos_ids, pad_id):
-    m = nnx.merge(graphdef, params)
-    return gen.greedy_decode(m, state, max_new_tokens, eos_ids, pad_id)
+        return tuple(int(e) for e in eos), int(pad)

@@ -38,7 +38,6 @@ host arrays (LLaVA-NeXT's canonical sequence) pass those replicated; results are
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -193,19 +192,25 @@ class ShardedLlava(Llava):
         super().__init__(cfg, graphdef, params, dtype, bucket)
         self.mesh = mesh
 
-    def prepare(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, position_ids=None):
-        b = super().prepare(input_ids, pixel_values, attention_mask, image_sizes, position_ids)
+    def put_arrays(self, arrays: dict) -> dict:
+        """Rows (``input_ids`` / ``valid`` / ``positions``) split over ``data``; per-image arrays (pixels, family
+        tables) split too when their count divides the axis, else replicated."""
         d = _axis(self.mesh, DATA)
-        if b.input_ids.shape[0] % d:
-            raise ShardingError(f"batch of {b.input_ids.shape[0]} rows does not divide over the mesh's data axis "
-                                f"of size {d}: pad the batch to a multiple of {d}")
-        px = b.pixel_values
-        if px is not None:
-            px = shard_batch(px, self.mesh, "pixel_values") if px.shape[0] % d == 0 else \
-                jax.device_put(px, NamedSharding(self.mesh, P()))
-        return dataclasses.replace(b, input_ids=shard_batch(b.input_ids, self.mesh, "input_ids"),
-                                   valid=shard_batch(b.valid, self.mesh, "valid"),
-                                   positions=shard_batch(b.positions, self.mesh, "positions"), pixel_values=px)
+        B = np.shape(arrays["input_ids"])[0]
+        if B % d:
+            raise ShardingError(f"batch of {B} rows does not divide over the mesh's data axis of size {d}: pad the "
+                                f"batch to a multiple of {d}")
+
+        def put(path, x):
+            name = tree_path_name(path)
+            x = np.asarray(x)
+            if name in ("input_ids", "valid", "positions"):
+                return shard_batch(x, self.mesh, name)
+            if x.ndim and x.shape[0] % d == 0:
+                return shard_batch(x, self.mesh, name)
+            return jax.device_put(x, NamedSharding(self.mesh, P()))
+
+        return jax.tree_util.tree_map_with_path(put, arrays)
 
 
 # ---------------------------------------------------------------------------------------------------

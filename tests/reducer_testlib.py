@@ -151,6 +151,24 @@ def check_end_to_end(reducer, budget: int, *, max_new_tokens: int = 4) -> None:
 
 
 def forward_cache_size(m) -> int:
-    """Compiled entries of the model's reduced-forward jit (0 before its first use)."""
-    fn = m.__dict__.get("_reduced_jits", {}).get("forward")
-    return 0 if fn is None else fn._cache_size()
+    """Compiled entries of the model's forward program (full and reduced calls share it)."""
+    return m.programs.forward._cache_size()
+
+
+def run_forward(model, ids, px, mask, image_sizes, reducer, mask_only: bool = False):
+    """``model(..., reducer=...)`` through the public engine, optionally with mask-only cut semantics."""
+    from jaxprune import engine
+
+    return engine.forward(model, model.plan(ids, px, mask, image_sizes, reducer), mask_only=mask_only)
+
+
+def pre_llm(model, ids, px, mask, reducer):
+    """The LLM input of a reduced call (``engine.encode``): ``(h, valid, positions, kept, kept_valid, is_pool)``."""
+    from flax import nnx
+
+    from jaxprune import engine
+
+    p = model.plan(ids, px, mask, None, reducer)
+    fn = jax.jit(lambda params, arrays: engine.encode(nnx.merge(model.graphdef, params), p.static, arrays))
+    h, valid, pos, is_pool, _, kept, kept_valid = fn(model.params, p.arrays)
+    return h, valid, pos, kept, kept_valid, is_pool

@@ -94,13 +94,13 @@ def _kept_indices(model, ids, px, r):
     import jax
     from flax import nnx
 
-    from jaxprune import generate as gen
-    from jaxprune.reducers.llm import LLMContext, _visual_slots
-    from jaxprune.reducers.plan import pre_llm
+    from jaxprune.engine import decoder as gen
+    from jaxprune.engine.cuts import visual_slots as _visual_slots
+    from jaxprune.reducers.llm import LLMContext
+    from tests.reducer_testlib import pre_llm
 
-    b = model.prepare(ids, px, None)
     m = nnx.merge(model.graphdef, model.params)
-    h, valid, pos, _, _, is_vis = pre_llm(m, (), b.input_ids, b.pixel_values, b.valid, 1)
+    h, valid, pos, _, _, is_vis = pre_llm(model, ids, px, None, r)
     h, _, qk = gen.decoder_prefill(m, h, pos, valid, range(r.layer), 0, return_qk=True)
     vis = _visual_slots(is_vis, model.cfg.tokens_per_image)
     ctx = LLMContext(hidden=h, valid=valid, positions=pos, visual_index=vis,

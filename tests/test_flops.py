@@ -11,7 +11,7 @@ import pytest
 import jaxprune as jp
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 from jaxprune.flops import kv_cache_bytes, prefill_cost
-from jaxprune.reducers.plan import _prefill_reduced, _prepare
+from jaxprune.engine.run import prefill_fn
 
 CFG = LlavaConfig(
     vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
@@ -42,16 +42,15 @@ def test_flops_match_xla_cost_analysis(model, make):
     P = CFG.tokens_per_image
     ids = np.concatenate([np.arange(3, 13), np.full(P, 255), np.arange(20, 42)])[None]  # 32 text tokens
     px = np.random.default_rng(0).standard_normal((1, 3, 112, 112)).astype(np.float32)
-    b, reducers, ipr, k = _prepare(model, ids, px, None, None, r)
-    f = jax.jit(functools.partial(_prefill_reduced, model.graphdef),
-                static_argnames=("reducers", "imgs_per_row", "max_new_tokens"))
-    compiled = f.lower(model.params, b.input_ids, b.pixel_values, b.valid, reducers=reducers, imgs_per_row=1,
-                       max_new_tokens=4).compile()
+    p = model.plan(ids, px, None, None, r)
+    f = jax.jit(functools.partial(prefill_fn, model.graphdef), static_argnames=("static", "max_new_tokens"))
+    compiled = f.lower(model.params, p.arrays, static=p.static, max_new_tokens=4).compile()
     ca = compiled.cost_analysis()
     xla = (ca if isinstance(ca, dict) else ca[0])["flops"]
-    ours = prefill_cost(CFG, r, text_tokens=b.input_ids.shape[1] - P)
+    text = p.arrays["input_ids"].shape[1] - (p.static.layout.S_h if p.static.layout is not None else P)  # bucketed
+    ours = prefill_cost(CFG, r, text_tokens=text)
     assert 0.97 <= xla / ours.total <= 1.05, (xla, ours.total)
-    st = f(model.params, b.input_ids, b.pixel_values, b.valid, reducers=reducers, imgs_per_row=1, max_new_tokens=4)
+    st = f(model.params, p.arrays, static=p.static, max_new_tokens=4)
     assert st.kv_bytes == kv_cache_bytes(CFG, ours, batch=1, new_tokens=4, itemsize=4)
 
 

@@ -12,7 +12,7 @@ import pytest
 from jaxprune.reducers import BudgetError, compose
 from jaxprune.reducers.fastv import fastv
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase
-from jaxprune.reducers.plan import run_forward
+from tests.reducer_testlib import run_forward
 from tests.reducer_testlib import E2E_CFG, e2e_model, make_batch
 
 
@@ -78,13 +78,12 @@ def test_decode_with_cut_caches_equals_forward(pos, padding):
 def test_kv_cache_bytes_after_cuts():
     m = e2e_model()
     ids, mask, px = _batch(1)
-    from jaxprune.reducers.plan import _jitted, _prefill_reduced, _prepare
+    from jaxprune import engine
 
     r = compose(EveryNth(layer=1, n=3), fastv(layer=3, keep=10))
-    b, reducers, ipr, k = _prepare(m, ids, px, mask, None, r)
-    fn = _jitted(m, "prefill", _prefill_reduced, ("reducers", "imgs_per_row", "max_new_tokens"))
-    st = fn(m.params, b.input_ids, b.pixel_values, b.valid, reducers=reducers, imgs_per_row=ipr, max_new_tokens=8)
-    T = b.input_ids.shape[1]
+    p = m.plan(ids, px, mask, None, r)
+    st = engine.prefill(m, p, max_new_tokens=8)
+    T = p.arrays["input_ids"].shape[1]
     t = E2E_CFG.text
     per_tok = 2 * 3 * t.num_key_value_heads * t.head_dim * 4  # k+v, B=3, fp32
     caps = [T + 8] + [T - 144 + 48 + 8] * 2 + [T - 144 + 10 + 8]

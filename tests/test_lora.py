@@ -63,8 +63,8 @@ def random_adapters(m, seed: int = 3, scale: float = 0.3):
 
 def logits_of(m, params, b):
     """The full model's logits with ``params`` (one compiled program for every params of this shape)."""
-    pos = np.maximum(np.cumsum(b["valid"], 1) - 1, 0).astype(np.int32)
-    return np.asarray(m._forward(params, b["input_ids"], b["pixel_values"], b["valid"], pos))
+    p = m.plan(b["input_ids"], b["pixel_values"], b["valid"])
+    return np.asarray(m.programs.forward(params, p.arrays, static=p.static)[0][:, :p.length])
 
 
 # ---- adapters ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def test_one_compile_per_shape_bucket(model):
     """20 different inputs whose lengths fall in one 32-token bucket trace the forward once."""
     m = jp.Llava(model.cfg, model.graphdef, model.params)  # fresh jit caches
     traces = {"n": 0}
-    fwd = m._forward
+    fwd = m.programs.forward
 
     def counting(*a):
         traces["n"] += 1
@@ -42,26 +42,26 @@ def test_one_compile_per_shape_bucket(model):
         assert 16 < ids.shape[1] <= 32
         out = m(ids, px, attention_mask=mask)
         assert out.logits.shape == (2, ids.shape[1], 128)
-    assert m._forward._cache_size() == 1
+    assert m.programs.forward._cache_size() == 1
     for i in range(20):
         ids, mask, px = make_batch([2 + i % 5, 3], CFG.tokens_per_image, 100, 128, 28, seed=100 + i)
         m.generate(ids, px, attention_mask=mask, max_new_tokens=4)
-    assert m._prefill._cache_size() == 1 and m._decode._cache_size() == 1
+    assert m.programs.prefill._cache_size() == 1 and m.programs.decode._cache_size() == 1
 
 
 def test_trace_count_with_chex(model):
-    from jaxprune.model import _forward_fn
+    from jaxprune.engine.run import forward_fn
 
     chex.clear_trace_counter()
 
-    def fwd(params, ids, px, valid, pos):
-        return _forward_fn(model.graphdef, params, ids, px, valid, pos)
+    def fwd(params, arrays, static):
+        return forward_fn(model.graphdef, params, arrays, static=static)
 
-    f = jax.jit(chex.assert_max_traces(fwd, n=1))
+    f = jax.jit(chex.assert_max_traces(fwd, n=1), static_argnames="static")
     for i in range(20):
         ids, mask, px = make_batch([3 + i % 4], CFG.tokens_per_image, 100, 128, 28, seed=i)
-        b = model.prepare(ids, px, mask)
-        f(model.params, b.input_ids, b.pixel_values, b.valid, b.positions)
+        p = model.plan(ids, px, mask)
+        f(model.params, p.arrays, p.static)
 
 
 def test_text_only_input(model):

@@ -138,8 +138,8 @@ def test_mixed_batch_logits_greedy_and_one_compile(next_pair):
         ours = np.asarray(model.generate(ids, b.pixel_values, attention_mask=mask, image_sizes=b.image_sizes,
                                          max_new_tokens=16, eos_token_id=(), pad_token_id=0))
         np.testing.assert_array_equal(ours, g[:, ids.shape[1]:].numpy())
-    assert model._forward._cache_size() == 1
-    assert model._prefill._cache_size() == 1 and model._decode._cache_size() == 1
+    assert model.programs.forward._cache_size() == 1
+    assert model.programs.prefill._cache_size() == 1 and model.programs.decode._cache_size() == 1
     # HF's batch-padded crops, the 4-D concatenation and per-image lists give the same logits
     hfb = preprocess_anyres_images(_images(mixes[-1], seed=3 + len(mixes) - 1), PROC, pad_crops="batch")
     assert hfb.pixel_values.shape[1] == 3 < PROC.max_crops
@@ -147,7 +147,7 @@ def test_mixed_batch_logits_greedy_and_one_compile(next_pair):
     for px in (hfb.pixel_values, flat, [b.pixel_values[i, :n] for i, n in enumerate(b.num_crops)]):
         o = np.asarray(model(ids, px, attention_mask=mask, image_sizes=b.image_sizes).logits)
         np.testing.assert_array_equal(o, out)
-    assert model._forward._cache_size() == 1
+    assert model.programs.forward._cache_size() == 1
 
 
 def test_next_input_errors(next_pair):

@@ -12,7 +12,7 @@ from jaxprune.reducers import BudgetError
 from jaxprune.reducers._core import uniform_indices
 from jaxprune.reducers.adsc import ADSCCut, adsc, adsc_plan, adsc_schedule, default_layers, grid_step, schedule_counts
 from jaxprune.reducers.llm import LLMContext
-from jaxprune.reducers.plan import run_forward
+from tests.reducer_testlib import run_forward
 from tests.reducer_testlib import assert_no_callbacks, e2e_model, forward_cache_size, make_batch
 
 V, H, T = 144, 8, 170

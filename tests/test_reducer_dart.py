@@ -14,7 +14,7 @@ import pytest
 from jaxprune.reducers import BudgetError, compose
 from jaxprune.reducers.dart import DART, cpython_set_order, dart
 from jaxprune.reducers.llm import LLMContext
-from jaxprune.reducers.plan import run_forward
+from tests.reducer_testlib import run_forward
 from tests.reducer_testlib import assert_no_callbacks, e2e_model, forward_cache_size, make_batch
 
 V, H, KV, HD, T = 64, 16, 2, 4, 136  # visual pool, hidden, kv heads, head dim, sequence

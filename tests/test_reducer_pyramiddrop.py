@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import jaxprune as jp
-from jaxprune import generate as gen
+from jaxprune.engine import decoder as gen
 from jaxprune.reducers import BudgetError, compose
 from jaxprune.reducers.llm import LLMContext, next_q_index
-from jaxprune.reducers.plan import run_forward
+from tests.reducer_testlib import run_forward
 from jaxprune.reducers.pyramiddrop import (PyramidDropCut, average_visual_tokens, pyramiddrop,
                                            pyramiddrop_for_average, scale_layers)
 from tests.reducer_testlib import E2E_CFG, assert_no_callbacks, e2e_model, make_batch

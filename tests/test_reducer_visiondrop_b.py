@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune import generate as gen
+from jaxprune.engine import decoder as gen
 from jaxprune.reducers import BudgetError, compose
 from jaxprune.reducers.llm import LLMContext
-from jaxprune.reducers.plan import _prepare, pre_llm
+from tests.reducer_testlib import pre_llm
 from jaxprune.reducers.pyramiddrop import average_visual_tokens
 from jaxprune.reducers.visiondrop_vision import VisionDropVision
 from jaxprune.reducers.visiondrop_llm import (RELEASED, VisionDropCut, schedule_for, visiondrop, visiondrop_llm,
@@ -158,9 +158,7 @@ def test_full_visiondrop_end_to_end_and_float64_reference():
     np.testing.assert_array_equal(v.sum(1), 2 + 19 + np.asarray([4, 9, 6]))
 
     # the LLM input after stage A (the model's own pre-LLM stage), then stage B by hand
-    b, reducers, ipr, _ = _prepare(m, ids, px, mask, None, r)
-    fn = jax.jit(lambda p, i, x, va: pre_llm(nnx.merge(m.graphdef, p), reducers[:1], i, x, va, ipr))
-    h0, valid0, _, _, _, is_vis = (np.asarray(a) for a in fn(m.params, b.input_ids, b.pixel_values, b.valid))
+    h0, valid0, _, _, _, is_vis = (np.asarray(a) for a in pre_llm(m, ids, px, mask, r.reducers[0]))
     rows = [(h0[i][valid0[i]], is_vis[i][valid0[i]]) for i in range(3)]
     assert all(x[1].sum() == 48 for x in rows)
     ref, _ = reference_rows(m, rows, compose(*r.reducers[1:]), vd_select)

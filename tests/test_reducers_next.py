@@ -1,4 +1,4 @@
-"""Reducers on LLaVA-NeXT (anyres) inputs: jaxprune.reducers.plan_next.
+"""Reducers on LLaVA-NeXT (anyres) inputs: jaxprune.families.llava_next.
 
 Tiny NeXT config: CLIP 32 px / patch 4 -> 8x8 = 64 patches per crop, pinpoints (h, w) 32x64 / 64x32 / 64x64, so
 an image is 3 crops (1x2 or 2x1 tiles) or 5 crops (2x2), "full" = 5 x 64 = 320 (the papers' 2880 = 5 x 576) and
@@ -22,7 +22,8 @@ import jaxprune as jp
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 from jaxprune.models.anyres import AnyresGeometry, build_layout
 from jaxprune.processing_anyres import AnyresProcessorConfig, preprocess_anyres_images
-from jaxprune.reducers import plan_next as pn
+from jaxprune.families import llava_next as pn
+from jaxprune.reducers.compose import as_tuple
 from jaxprune.reducers.base import BudgetError
 from jaxprune.reducers.pyramiddrop import pyramiddrop
 from jaxprune.reducers.visiondrop_vision import VisionDropVision
@@ -113,7 +114,7 @@ CASES = [pytest.param(name, key, marks=() if key == "320" else pytest.mark.slow,
 def _final_visual(spec, b: int) -> int:
     """Visual tokens per row the last in-LLM cut keeps."""
     inner = spec.reducer if isinstance(spec, pn.NextOptions) else spec
-    last = jp.reducers.plan.as_tuple(inner)[-1]
+    last = as_tuple(inner)[-1]
     return last.output_visual(10 ** 6) if hasattr(last, "output_visual") else None
 
 
@@ -169,7 +170,7 @@ def test_every_reducer_on_mixed_aspect_batch(name, key):
     spec = build(b)
     out, lay, n_text = run(spec)
     inner, opts = pn.unwrap(spec)
-    st = pn.build_static(CFG, jp.reducers.plan.as_tuple(inner), opts, 2)
+    st = pn.build_static(CFG, as_tuple(inner), opts, 2)
     logits, valid = np.asarray(out.logits), np.asarray(out.attention_mask)
     assert np.isfinite(logits[valid]).all()
     assert valid[:, -1].all()  # left-padded input: every row's last token sits in the last column
@@ -208,7 +209,7 @@ def test_one_compile_per_budget_for_mixed_aspect_batches():
     for name in ("fastervlm", "visionzip", "fastv_keep"):  # global, per crop ('real' variants), in-LLM
         spec = MATRIX[name][0](BUDGETS["320"])
         run(spec, MIXES[0])
-        fn = m._reduced_jits["forward_next"]
+        fn = m.programs.forward
         before = fn._cache_size()
         for s, names in enumerate(MIXES[1:]):
             out, _, _ = run(spec, names, seed=10 + s)

@@ -6,7 +6,7 @@ import pytest
 import jaxprune as jp
 from jaxprune import flops
 from jaxprune.reducers import BudgetError, registry
-from jaxprune.reducers.plan import as_tuple
+from jaxprune.reducers.compose import as_tuple
 
 
 def _cfg():

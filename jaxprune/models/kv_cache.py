@@ -3,7 +3,7 @@
 Layers may own caches of different capacity: after an in-LLM cut the later layers hold a smaller
 static cache (the memory saving is real, not a mask over a full-size buffer). Which slots hold a
 token is tracked per segment by a ``valid [B, S_cap]`` mask and the slots' RoPE positions, kept
-by the caller (see :mod:`jaxprune.generate`).
+by the caller (see :mod:`jaxprune.engine.decoder`).
 """
 
 from __future__ import annotations

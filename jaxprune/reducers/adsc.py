@@ -93,7 +93,7 @@ import numpy as np
 from jaxprune.reducers._core import strided_grid_indices
 from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
-from jaxprune.reducers.plan import Compose, compose
+from jaxprune.reducers.compose import Compose, compose
 from jaxprune.reducers.registry import final_keeps, register
 
 _MODES = ("raster", "grid")

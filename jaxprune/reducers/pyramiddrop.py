@@ -26,7 +26,7 @@ current hidden states ``H``:
   ``-(int(N0 r_s) - int(N0 r_{s+1}))``, i.e. every layer segment has its own contiguous position frame;
   our machinery (:mod:`jaxprune.reducers.llm`) gives each segment exactly that frame.
 
-Here a schedule is a :func:`~jaxprune.reducers.plan.compose` of one :class:`PyramidDropCut` per cut
+Here a schedule is a :func:`~jaxprune.reducers.compose.compose` of one :class:`PyramidDropCut` per cut
 (``layer`` = cut after that many layers, ``keep`` = the absolute count ``int(N0 * r)``);
 :func:`pyramiddrop` builds it from the official ``layer_list`` / ``image_token_ratio_list`` and ``N0``
 (``total``), and :func:`pyramiddrop_for_average` (also ``pyramiddrop.for_average``) picks a schedule
@@ -81,7 +81,7 @@ from jaxprune.models.attention import attention_rows
 from jaxprune.reducers._core import select_topk
 from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
-from jaxprune.reducers.plan import Compose, compose
+from jaxprune.reducers.compose import Compose, compose
 from jaxprune.reducers.registry import final_keeps, register
 
 __all__ = ["PyramidDropCut", "average_visual_tokens", "pyramiddrop", "pyramiddrop_for_average", "scale_layers"]

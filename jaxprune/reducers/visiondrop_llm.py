@@ -82,7 +82,7 @@ from jaxprune.reducers._core import (assign_argmax, complement_indices, cosine_s
                                      merge_into, select_topk)
 from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
-from jaxprune.reducers.plan import Compose, compose
+from jaxprune.reducers.compose import Compose, compose
 from jaxprune.reducers.registry import register
 from jaxprune.reducers.pyramiddrop import _check_layers, average_visual_tokens, scale_layers
 from jaxprune.reducers.visiondrop_vision import VisionDropVision  # stage A

@@ -87,13 +87,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxprune import generate as gen
-from jaxprune.inputs import InputError, bucket_length
-from jaxprune.models.anyres import AnyresGeometry
+from jaxprune.engine.vision import clip_segment, cls_attention
+from jaxprune.families.base import TextToImage, VisualInputs, register
+from jaxprune.inputs import InputError, as_numpy, check_pixels
+from jaxprune.models.anyres import AnyresGeometry, build_layout
 from jaxprune.models.llava import LlavaModule
-from jaxprune.reducers.base import STAGE_ORDER, BudgetError, ProjectorContext, Reduced, VisionContext
-from jaxprune.reducers.llm import check_llm_reducers, prefill_llm, run_llm
-from jaxprune.reducers.plan import _clip_segment, _cls_attn, _jitted  # shared with the llava path
+from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext
 
 from jaxprune.reducers.options import CROP_SPLITS, NEWLINES, NextOptions, next_options, unwrap  # noqa: E402,F401
 
@@ -262,45 +261,6 @@ def layout_tables(layout, st: NextStatic) -> dict[str, np.ndarray]:
             "crop_valid": layout.crop_valid.astype(bool)}
 
 
-def canonical_sequence(b, cfg, layout, S_h: int, bucket: int):
-    """Rebuild the rows with every image span exactly ``S_h`` image-token slots. Padding is removed and put
-    back on the side the input had it (left-padded input -> rows end at the same column, so ``logits[:, -1]``
-    is every row's last token, as on LLaVA-1.5), then the bucket padding at the end.
-    Returns ``(ids, valid, images per row, length)``."""
-    ids = np.asarray(b.input_ids)
-    valid = np.asarray(b.valid)
-    tok = cfg.image_token_index
-    pad_id = 0 if tok != 0 else 1
-    rows, per_row, img = [], [], 0
-    for r in range(ids.shape[0]):
-        toks = ids[r][valid[r]]
-        seq, i, n_img = [], 0, 0
-        while i < len(toks):
-            if toks[i] == tok:
-                n = int(layout.num_tokens[img])
-                if len(toks[i:i + n]) != n or not (toks[i:i + n] == tok).all():
-                    raise InputError(f"row {r}: the image tokens of image {img} ({n} expected) are not contiguous; "
-                                     "reducers need each <image> expanded in one piece")
-                seq += [tok] * S_h
-                img, i, n_img = img + 1, i + n, n_img + 1
-            else:
-                seq.append(int(toks[i]))
-                i += 1
-        rows.append(seq)
-        per_row.append(n_img)
-    if len(set(per_row)) != 1 or per_row[0] == 0:
-        raise InputError(f"images per row {per_row}: reducers need the same number (>= 1) of images in every row")
-    length = max(map(len, rows))
-    T = bucket_length(length, bucket)
-    left = bool(valid[:, b.length - 1].all())  # every row ends at the last column: left (or no) padding
-    out = np.full((len(rows), T), pad_id, np.int32)
-    ok = np.zeros((len(rows), T), bool)
-    for r, seq in enumerate(rows):
-        a = length - len(seq) if left else 0
-        out[r, a:a + len(seq)], ok[r, a:a + len(seq)] = seq, True
-    return out, ok, per_row[0], length
-
-
 # ---------------------------------------------------------------------------------------------------
 # Device side
 def _take(x, idx, axis=1):
@@ -374,17 +334,17 @@ def _vision_chain(m, specs, h, sel_valid, te, tv, grid, L: int, prefix: dict):
             raise BudgetError(f"{type(r).__name__}: vision_layer={cut} must be in ({done}, {L}]")
         if done == 0:
             if cut not in prefix:
-                prefix[cut] = _clip_segment(m, h, attn_valid, 0, cut)
+                prefix[cut] = clip_segment(m, h, attn_valid, 0, cut)
             hh, q, k = prefix[cut]
         else:
-            hh, q, k = _clip_segment(m, h, attn_valid, done, cut)
+            hh, q, k = clip_segment(m, h, attn_valid, done, cut)
         done = cut
-        red: Reduced = r(VisionContext(hidden=hh, cls_attn=_cls_attn(q, k, attn_valid), keys=k, valid=sel_valid,
+        red: Reduced = r(VisionContext(hidden=hh, cls_attn=cls_attention(q, k, attn_valid), keys=k, valid=sel_valid,
                                        text_embeds=te, text_valid=tv, grid=grid))
         h, attn_valid, sel_valid = red.tokens, red.valid, red.valid
         src = jnp.take_along_axis(src, red.index, axis=1)
     if done < L:
-        h, _, _ = _clip_segment(m, h, attn_valid, done, L)
+        h, _, _ = clip_segment(m, h, attn_valid, done, L)
     return h, src, attn_valid
 
 
@@ -425,26 +385,6 @@ def _vision_stage(st: NextStatic, m, A, h0, te_c, tv_c, L: int):
     return _finish(st, m, A, cat(toks), cat(keys), cat(valids), cat(srcs), cat(hits))
 
 
-def _span_sequence(st: NextStatic, ids, valid, is_img, text_emb, tok, tvalid, pool, S: int):
-    """Put the image spans ``tok [N, S, H]`` into the host sequence (``S_h`` slots per image; the last
-    ``S_h - S`` of each span are removed). Returns ``(h, valid, is_pool)`` of length ``T - ipr * (S_h - S)``."""
-    T = ids.shape[1]
-    within = (jnp.cumsum(is_img, axis=1) - 1) % st.S_h
-    keep = ~is_img | (within < S)
-    T2 = T - st.ipr * (st.S_h - S)
-    order = jnp.argsort(~keep, axis=1, stable=True)[:, :T2]
-    v2 = jnp.take_along_axis(valid, order, axis=1)
-    img2 = jnp.take_along_axis(is_img, order, axis=1)
-    emb2 = jnp.take_along_axis(text_emb, order[..., None], axis=1)
-    H = tok.shape[-1]
-    idx = jnp.clip(jnp.cumsum(img2.reshape(-1)) - 1, 0, tok.shape[0] * S - 1)
-    vals = jnp.take(tok.reshape(-1, H).astype(emb2.dtype), idx, axis=0).reshape(emb2.shape)
-    sv = jnp.take(tvalid.reshape(-1), idx).reshape(img2.shape)
-    sp = jnp.take(pool.reshape(-1), idx).reshape(img2.shape)
-    h = jnp.where(img2[..., None], vals, emb2)
-    return h, jnp.where(img2, sv, v2), img2 & sp
-
-
 def span_context(st: NextStatic, A, feats_c, vh_c, cls_c, k_c, newline, te, tv, t2i=None) -> ProjectorContext:
     """The global projector-stage context over an image's unreduced span (``S_full`` slots, packed order).
 
@@ -466,30 +406,23 @@ def span_context(st: NextStatic, A, feats_c, vh_c, cls_c, k_c, newline, te, tv, 
                             text_valid=tv, text_to_image=t2i, grid=(1, sp.shape[1]))
 
 
-def pre_llm_next(m: LlavaModule, reducers: tuple, st: NextStatic, ids, px, valid, A):
-    """CLIP on all crops, the pre-LLM stages and the LLM input. Returns
-    ``(h, valid, positions, is_pool, kept [N, S], kept_valid [N, S])``."""
-    from jaxprune.reducers.plan import _text_to_image
-
+def encode(m: LlavaModule, reducers: tuple, st: NextStatic, px, A, te, tv, t2i_fn: TextToImage | None):
+    """CLIP on all crops and the pre-LLM stages: ``px [N, C, 3, S, S]`` -> image spans ``(tokens [N, S, H],
+    valid [N, S], pool [N, S], kept [N, S])`` (``kept``: packed index, -1 for CLS / empty slots)."""
     cfg = m.cfg
     N, C, P = px.shape[0], st.C, st.P
-    is_img = ids == cfg.image_token_index
-    text_emb = m.embed_text(ids)
-    row = jnp.arange(N) // st.ipr
-    te, tv = text_emb[row], (valid & ~is_img)[row]
-    te_c, tv_c = jnp.repeat(te, C, axis=0), jnp.repeat(tv, C, axis=0)
+    te_c = tv_c = None
+    if te is not None:
+        te_c, tv_c = jnp.repeat(te, C, axis=0), jnp.repeat(tv, C, axis=0)
     L = cfg.feature_layer_index
     h0 = m.vision.embed(px.reshape((N * C,) + px.shape[2:]))  # [NC, 1+P, Dv]
 
     if st.mode == "vision":
-        tok, tvalid, pool, kept = _vision_stage(st, m, A, h0, te_c, tv_c, L)
-        h, v2, is_pool = _span_sequence(st, ids, valid, is_img, text_emb, tok, tvalid, pool, st.S)
-        return h, v2, gen.default_positions(v2), is_pool, kept, tvalid
+        return _vision_stage(st, m, A, h0, te_c, tv_c, L)
 
     # full CLIP at the feature layer on every crop (+ the signals projector reducers read)
-    ones = jnp.ones(h0.shape[:2], bool)
-    hf, q, k = _clip_segment(m, h0, ones, 0, L)
-    cls_c = _cls_attn(q, k, ones)[:, :, 1:]  # [NC, heads, P] each crop's own CLS
+    hf, q, k = clip_segment(m, h0, None, 0, L)
+    cls_c = cls_attention(q, k, None)[:, :, 1:]  # [NC, heads, P] each crop's own CLS
     vh_c, k_c = hf[:, 1:], k[:, 1:]  # [NC, P, Dv], [NC, P, heads, hd]
     feats_c = m.projector(vh_c)  # [NC, P, H]
     nlv = m.image_newline[...].astype(feats_c.dtype)
@@ -500,16 +433,13 @@ def pre_llm_next(m: LlavaModule, reducers: tuple, st: NextStatic, ids, px, valid
     full_tok = jnp.where(s_real[..., None], _take(table, A["span_table"]), 0)
     if st.mode == "none":
         pool = _pool_roles(s_real, s_nl, st.V) if st.newlines == "keep" else jnp.ones(sp.shape, bool)
-        h, v2, is_pool = _span_sequence(st, ids, valid, is_img, text_emb, full_tok, s_real, pool, st.S_full)
-        return h, v2, gen.default_positions(v2), is_pool, jnp.where(s_real, sp, -1), s_real
+        return full_tok, s_real, pool, jnp.where(s_real, sp, -1)
 
     t2i = None
     if st.need_t2i:
         layers = max(getattr(r, "shallow_layers", 0) or 0 for r in reducers if r.stage == "projector")
         qrows = max(getattr(r, "query_rows", 32) for r in reducers if getattr(r, "shallow_layers", 0))
-        fh, fv, fimg = _span_sequence(st, ids, valid, is_img, text_emb, full_tok, s_real,
-                                      jnp.ones(sp.shape, bool), st.S_full)
-        t2i = _text_to_image(m, fh, gen.default_positions(fv), fv, fimg, layers, qrows, N, st.S_full)
+        t2i = t2i_fn(full_tok, s_real, layers, qrows)
 
     proj = [r for r in reducers if r.stage == "projector"]
     if st.mode == "global":
@@ -563,92 +493,102 @@ def pre_llm_next(m: LlavaModule, reducers: tuple, st: NextStatic, ids, px, valid
         key, ok = cat(keys), cat(valids)
         src = jnp.where(ok, key, -1)
         tok, tvalid, pool, kept = _finish(st, m, A, cat(toks), key, ok, src, src)
-    h, v2, is_pool = _span_sequence(st, ids, valid, is_img, text_emb, tok, tvalid, pool, st.S)
-    return h, v2, gen.default_positions(v2), is_pool, kept, tvalid
+    return tok, tvalid, pool, kept
 
 
 # ---------------------------------------------------------------------------------------------------
-def _forward_next(graphdef, params, ids, px, valid, A, *, reducers, st, mask_only=False):
-    m = nnx.merge(graphdef, params)
-    h, v2, pos, is_pool, kept, kept_valid = pre_llm_next(m, reducers, st, ids, px, valid, A)
-    llm = [r for r in reducers if r.stage == "llm"]
-    logits, valid_out = run_llm(m, llm, h, pos, v2, is_pool, st.ipr * st.V, mask_only)
-    return logits, valid_out, kept, kept_valid
+# Host side: input validation
+def check_anyres(cfg, pixel_values, image_sizes, n_img_tok: int):
+    """llava_next: validate ``pixel_values [N, crops, C, S, S]`` (or HF's 4-D concatenation / list of
+    per-image ``[crops_i, C, S, S]``) against ``image_sizes [N, 2]`` (height, width); pad the crops to the
+    config's maximum (one static shape) and build the packing layout."""
+    geom = AnyresGeometry.from_config(cfg)
+    if image_sizes is None:
+        raise InputError("llava_next inputs need image_sizes [N, 2] (original height, width of each image), as "
+                         "returned by the HF LlavaNextImageProcessor / jaxprune.processing_anyres")
+    sizes = as_numpy(image_sizes, "image_sizes")
+    if sizes.ndim != 2 or sizes.shape[1] != 2 or sizes.shape[0] == 0:
+        raise InputError(f"image_sizes must be [N, 2] (height, width), got shape {sizes.shape}")
+    if not (np.issubdtype(sizes.dtype, np.integer) or (np.issubdtype(sizes.dtype, np.floating)
+                                                      and np.all(sizes == np.round(sizes)))):
+        raise InputError(f"image_sizes must be integers, got {sizes.dtype}")
+    if (sizes < 1).any():
+        raise InputError(f"image_sizes must be positive, got {sizes[np.any(sizes < 1, axis=1)][0].tolist()} "
+                         f"(image {int(np.flatnonzero(np.any(sizes < 1, axis=1))[0])})")
+    sizes = sizes.astype(np.int64)
+    N = sizes.shape[0]
+    layout = build_layout(geom, sizes)
+    need = layout.num_crops  # [N]
+    C_max = geom.max_crops
+    if isinstance(pixel_values, (list, tuple)):
+        parts = [as_numpy(p, f"pixel_values[{i}]") for i, p in enumerate(pixel_values)]
+        if len(parts) != N:
+            raise InputError(f"pixel_values is a list of {len(parts)} images but image_sizes has {N} rows")
+        for i, p in enumerate(parts):
+            if p.ndim != 4:
+                raise InputError(f"pixel_values[{i}] must be [crops, C, S, S], got shape {p.shape}")
+        px = np.zeros((N, max(p.shape[0] for p in parts)) + parts[0].shape[1:], parts[0].dtype)
+        if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+            raise InputError(f"pixel_values list entries differ in [C, S, S]: {[p.shape for p in parts]}")
+        for i, p in enumerate(parts):
+            px[i, : p.shape[0]] = p
+    else:
+        px = as_numpy(pixel_values, "pixel_values")
+    if px.ndim == 4:  # HF also accepts the crops of all images concatenated: [sum crops_i, C, S, S]
+        if px.shape[0] != need.sum():
+            raise InputError(
+                f"4-D pixel_values hold {px.shape[0]} crops but image_sizes imply {int(need.sum())} "
+                f"({need.tolist()} per image); pass [N, crops, C, S, S] or all crops of every image")
+        starts = np.concatenate([[0], np.cumsum(need)])
+        flat = px
+        px = np.zeros((N, int(need.max())) + flat.shape[1:], flat.dtype)
+        for i in range(N):
+            px[i, : need[i]] = flat[starts[i]:starts[i + 1]]
+    if px.ndim != 5:
+        raise InputError(f"llava_next pixel_values must be [N, crops, C, S, S], got shape {px.shape}")
+    if px.shape[0] != N:
+        raise InputError(f"pixel_values has {px.shape[0]} images but image_sizes has {N} rows")
+    if px.shape[1] > C_max:
+        raise InputError(f"pixel_values has {px.shape[1]} crops per image but the config's image_grid_pinpoints "
+                         f"allow at most {C_max} (1 base + the largest grid): processor and model pinpoints differ?")
+    short = np.flatnonzero(need > px.shape[1])
+    if short.size:
+        i = int(short[0])
+        raise InputError(
+            f"pixel_values has {px.shape[1]} crops per image but image {i} of size (h, w) = "
+            f"{tuple(sizes[i].tolist())} needs {int(need[i])} (1 base + a {layout.tiles[i, 0]}x{layout.tiles[i, 1]} "
+            "grid of tiles)")
+    check_pixels(cfg, px.reshape((-1,) + px.shape[2:]))
+    if n_img_tok != layout.num_tokens.sum():
+        raise InputError(
+            f"input_ids contain {n_img_tok} image tokens (id {cfg.image_token_index}) but image_sizes imply "
+            f"{int(layout.num_tokens.sum())} visual tokens ({layout.num_tokens.tolist()} per image): expand each "
+            "<image> as the HF LlavaNextProcessor does (jaxprune.processing_anyres.num_image_tokens)")
+    if px.shape[1] < C_max:
+        px = np.concatenate([px, np.zeros((N, C_max - px.shape[1]) + px.shape[2:], px.dtype)], axis=1)
+    return px, layout
 
 
-def _prefill_next(graphdef, params, ids, px, valid, A, *, reducers, st, max_new_tokens):
-    m = nnx.merge(graphdef, params)
-    h, v2, pos, is_pool, _, _ = pre_llm_next(m, reducers, st, ids, px, valid, A)
-    llm = [r for r in reducers if r.stage == "llm"]
-    return prefill_llm(m, llm, h, pos, v2, max_new_tokens, is_pool, st.ipr * st.V)
+class LlavaNextFamily:
+    """LLaVA-NeXT (``model_type="llava_next"``): an image = a base crop + anyres tiles (segments of ``P`` patches)
+    packed with ``image_newline`` tokens (:mod:`jaxprune.models.anyres`); see the module docstring."""
+
+    name = "llava_next"
+
+    def check_visual(self, cfg, pixel_values, image_sizes, n_image_tokens: int) -> VisualInputs:
+        px, layout = check_anyres(cfg, pixel_values, image_sizes, n_image_tokens)
+        return VisualInputs(pixel_values=px, span_tokens=np.asarray(layout.num_tokens, np.int64), layout=layout,
+                            image_sizes=np.asarray(image_sizes))
+
+    def static(self, cfg, reducers: tuple, options, ipr: int, visual: VisualInputs) -> NextStatic:
+        opts = options if isinstance(options, NextOptions) else NextOptions(reducer=None)
+        return build_static(cfg, reducers, opts, ipr)
+
+    def tables(self, cfg, visual: VisualInputs, st: NextStatic) -> dict[str, np.ndarray]:
+        return layout_tables(visual.layout, st)
+
+    def encode(self, m, st: NextStatic, reducers: tuple, px, tables: dict, te, tv, t2i: TextToImage | None):
+        return encode(m, reducers, st, px, tables, te, tv, t2i)
 
 
-@dataclasses.dataclass(frozen=True)
-class NextBatch:
-    ids: Any           # [B, T] int32 canonical sequence (every image span S_h slots)
-    valid: Any         # [B, T] bool
-    pixel_values: Any  # [N, C, 3, S, S]
-    arrays: dict
-    length: int
-
-
-def prepare_next(model, input_ids, pixel_values, attention_mask, image_sizes, reducer):
-    """Host side of a NeXT reducer call: validation, static shapes, the canonical sequence, index tables."""
-    inner, opts = unwrap(reducer)
-    from jaxprune.reducers.plan import as_tuple
-
-    reducers = as_tuple(inner)
-    for r in reducers:
-        if isinstance(r, NextOptions):
-            raise ValueError("next_options() must wrap the whole reducer (compose inside it, not around it)")
-        if r.stage not in STAGE_ORDER:
-            raise ValueError(f"unknown reducer stage {r.stage!r} of {type(r).__name__}")
-    cfg = model.cfg
-    b = model.prepare(input_ids, pixel_values, attention_mask, image_sizes)
-    if b.pixel_values is None:
-        raise InputError("reducers act on visual tokens: pixel_values are required")
-    lay = b.anyres
-    n_img = b.pixel_values.shape[0]
-    if n_img % b.input_ids.shape[0]:
-        raise InputError(f"{n_img} images for {b.input_ids.shape[0]} rows: reducers need the same number of "
-                         "images in every row")
-    ipr = n_img // b.input_ids.shape[0]
-    st = build_static(cfg, reducers, opts, ipr)
-    ids, ok, ipr2, length = canonical_sequence(b, cfg, lay, st.S_h, model.bucket)
-    if ipr2 != ipr:
-        raise InputError(f"{ipr2} image spans per row but {ipr} images per row")
-    L = cfg.text.num_hidden_layers
-    for r in reducers:
-        n = getattr(r, "shallow_layers", 0) or 0
-        if n > L:
-            raise BudgetError(f"{type(r).__name__}.shallow_layers={n} exceeds the decoder's {L} layers")
-    check_llm_reducers(cfg, reducers, b, ipr, st.V)
-    tables = {k: jnp.asarray(v) for k, v in layout_tables(lay, st).items()}
-    return NextBatch(ids=jnp.asarray(ids), valid=jnp.asarray(ok), pixel_values=b.pixel_values, arrays=tables,
-                     length=length), reducers, st
-
-
-def run_forward_next(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, mask_only=False):
-    from jaxprune.model import LlavaOutput
-
-    nb, reducers, st = prepare_next(model, input_ids, pixel_values, attention_mask, image_sizes, reducer)
-    fn = _jitted(model, "forward_next", _forward_next, ("reducers", "st", "mask_only"))
-    logits, valid_out, kept, kept_valid = fn(model.params, nb.ids, nb.pixel_values, nb.valid, nb.arrays,
-                                             reducers=reducers, st=st, mask_only=mask_only)
-    pad = nb.ids.shape[1] - nb.length  # bucket padding at the end of every row
-    t_out = logits.shape[1] - pad
-    return LlavaOutput(logits=logits[:, :t_out], attention_mask=valid_out[:, :t_out], kept=kept,
-                       kept_valid=kept_valid)
-
-
-def run_generate_next(model, input_ids, pixel_values, attention_mask, image_sizes, reducer, max_new_tokens, eos,
-                      pad):
-    nb, reducers, st = prepare_next(model, input_ids, pixel_values, attention_mask, image_sizes, reducer)
-    fn = _jitted(model, "prefill_next", _prefill_next, ("reducers", "st", "max_new_tokens"))
-    state = fn(model.params, nb.ids, nb.pixel_values, nb.valid, nb.arrays, reducers=reducers, st=st,
-               max_new_tokens=max_new_tokens)
-    return model._decode(model.params, state, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
-
-
-__all__ = ["CROP_SPLITS", "NEWLINES", "NextOptions", "build_static", "layout_tables", "next_options", "per_crop_spec",
-           "pre_llm_next", "run_forward_next", "run_generate_next", "span_context", "visual_pool"]
+FAMILY = register("llava_next", LlavaNextFamily())
