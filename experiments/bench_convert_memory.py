@@ -30,8 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from checkpoints_convert.keys import canonical_to_hf  # noqa: E402
-from checkpoints_convert.safetensors_io import write_sharded  # noqa: E402
+from jaxprune.checkpoints.keys import canonical_to_hf  # noqa: E402
+from jaxprune.checkpoints.safetensors_write import write_sharded  # noqa: E402
 from jaxprune.config import LlavaConfig  # noqa: E402
 from jaxprune.models.param_spec import param_shapes  # noqa: E402
 
@@ -126,12 +126,12 @@ def measure(scale: float, dtype: str | None, workdir: str | None) -> dict:
                f"from bench_convert_memory import build_checkpoint\n"
                f"build_checkpoint(__import__('pathlib').Path({str(src)!r}), {scale!r})")
         gen_rss, _, gen_s = run_child(gen)
-        imports = "import checkpoints_convert, checkpoints_convert.convert, orbax.checkpoint, jax, jaxprune.config"
+        imports = "import jaxprune.checkpoints, orbax.checkpoint, jax, jaxprune.config"
         base, _, _ = run_child(imports)
         dtype_arg = f", dtype={dtype!r}" if dtype else ""
-        peak, polled, conv_s = run_child(f"{imports}\nfrom checkpoints_convert import convert\n"
+        peak, polled, conv_s = run_child(f"{imports}\nfrom jaxprune.checkpoints import convert\n"
                                          f"convert({str(src)!r}, {str(dst)!r}{dtype_arg})")
-        load_peak, _, load_s = run_child(f"{imports}\nfrom checkpoints_convert import read_checkpoint\n"
+        load_peak, _, load_s = run_child(f"{imports}\nfrom jaxprune.checkpoints import read_checkpoint\n"
                                          f"cfg, p = read_checkpoint({str(src)!r}{dtype_arg})")
         return {
             "scale": scale, "size": sum(int(np.prod(sh)) * 2 for sh in _shapes(scale)),
@@ -155,10 +155,10 @@ def report(rows: list[dict], dtype: str | None, argv: str) -> str:
         "",
         "Synthetic LLaVA checkpoints (random fp16, legacy llava-hf keys, a CLIP-L-width 12-layer tower, a 2048-wide "
         "Llama with vocab 32064; scale = decoder depth) in safetensors shards + `model.safetensors.index.json`, "
-        "generated shard by shard in their own process, are converted by `checkpoints_convert.convert` in a fresh "
+        "generated shard by shard in their own process, are converted by `jaxprune.checkpoints.convert` in a fresh "
         "child process, then loaded by `read_checkpoint` in another. Peak RSS is each child's `VmHWM` (Linux; "
         "`ru_maxrss` elsewhere; cross-checked by polling `psutil` every 20 ms). Baseline: a child that only "
-        "imports jax, orbax and checkpoints_convert.",
+        "imports jax, orbax and jaxprune.checkpoints.",
         "",
         "| checkpoint | shards | `convert` peak RSS | **peak / checkpoint** | (peak - baseline) / checkpoint "
         "| `convert` time | `read_checkpoint` peak RSS | `read_checkpoint` peak / checkpoint | baseline |",

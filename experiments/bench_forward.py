@@ -50,7 +50,7 @@ def hf_model_from(model: Llava):
     import torch
     from transformers import LlavaConfig as HFConfig, LlavaForConditionalGeneration
 
-    from checkpoints_convert import hf_state_dict
+    from jaxprune.checkpoints import hf_state_dict
 
     cfg = dataclasses.replace(model.cfg)
     hf_cfg = HFConfig.from_dict(cfg.to_hf_dict())

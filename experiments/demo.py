@@ -1,7 +1,7 @@
 """A small random LLaVA through the whole pipeline, no downloads (``python -m experiments.demo``).
 
 Builds a small random LLaVA-1.5-shaped model, saves it as an HF checkpoint (safetensors), converts
-it with ``checkpoints_convert`` and loads it back with ``jp.load`` (the real loading path), feeds
+it with ``jaxprune.checkpoints.convert`` and loads it back with ``jp.load`` (the real loading path), feeds
 procedurally drawn images through the LLaVA 'pad' preprocessing, then runs the full model and
 each available reducer at a few budgets, printing sequence length, prefill time, decode speed,
 KV-cache bytes and agreement of greedy tokens with the full model.
@@ -42,8 +42,8 @@ def demo_images(n: int, seed: int = 0) -> list[PIL.Image.Image]:
 
 
 def demo_model(workdir: Path) -> jp.Llava:
-    """Random weights -> HF safetensors -> checkpoints_convert -> jp.load (exercises the real path)."""
-    from checkpoints_convert import convert, export_hf
+    """Random weights -> HF safetensors -> jaxprune.checkpoints.convert -> jp.load (exercises the real path)."""
+    from jaxprune.checkpoints import convert, export_hf
 
     src = jp.Llava.random(DEMO_CFG, seed=0)
     export_hf(DEMO_CFG, src.flat_params(), workdir / "hf", layout="legacy")

@@ -1,4 +1,4 @@
-"""The shipped synthetic-VQA model loads through checkpoints_convert and reaches its recorded accuracy."""
+"""The shipped synthetic-VQA model loads through jaxprune.checkpoints and reaches its recorded accuracy."""
 
 import json
 from pathlib import Path

@@ -22,7 +22,7 @@ Training design (what was tried and why is in ``experiments/results/synthvqa_tra
    circuits the answers need); the auxiliary tower loss is kept at ``aux_weight`` so features stay local.
 
 The heads are training-only and not exported. The export is the HF LLaVA-1.5 layout (``legacy`` keys) with
-a ``tokenizer.json``; :func:`checkpoints_convert.convert` loads it back like any checkpoint.
+a ``tokenizer.json``; :func:`jaxprune.checkpoints.convert` loads it back like any checkpoint.
 """
 
 from __future__ import annotations
@@ -440,7 +440,7 @@ def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = Non
 def _load_init(path: str) -> jp.Llava:
     import tempfile
 
-    from checkpoints_convert import convert
+    from jaxprune.checkpoints import convert
 
     with tempfile.TemporaryDirectory() as d:
         convert(Path(path), Path(d) / "c")
@@ -483,7 +483,7 @@ def export(model: jp.Llava, dst: Path) -> Path:
     """HF LLaVA checkpoint (legacy keys, fp32 safetensors) + tokenizer + preprocessor config in ``dst``."""
     import tempfile
 
-    from checkpoints_convert import export_hf
+    from jaxprune.checkpoints import export_hf
 
     with tempfile.TemporaryDirectory() as d:
         sup = save_word_tokenizer(tokenizer().backend_tokenizer, Path(d) / "tok")

@@ -5,7 +5,7 @@ answer tokens only) over a reverse curriculum of drop ratios; adapters saved wit
         [--curriculum reverse] [--steps 300] [--batch-size 16] [--lr 1e-3] [--rank 8] [--alpha 16] \\
         [--budget-kind auto] [--seed 0] --out OUT_DIR
 
-* Model: an HF LLaVA-1.5 directory (or a ``checkpoints_convert`` output) with its tokenizer; images are
+* Model: an HF LLaVA-1.5 directory (or a ``python -m checkpoints_convert`` output) with its tokenizer; images are
   preprocessed exactly as the evaluation harness does (``preprocessor_config.json`` if it matches the tower,
   else LLaVA 'pad' at the tower's size; :func:`jaxprune.processing.preprocess_image`).
 * Data: LLaVA instruction JSON (``llava_v1_5_mix665k.json`` layout; ``image`` relative to ``--images``, default
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         (a.out / "train_log.json").write_text(json.dumps(info, indent=1))
         print(f"adapters: {a.out / 'adapters'}; log: {a.out / 'train_log.json'}", file=sys.stderr)
         if a.export_merged is not None:
-            from checkpoints_convert import export_hf
+            from jaxprune.checkpoints import export_hf
             from jaxprune.lora import merge_lora
 
             merged = merge_lora(model, adapters, lcfg)

@@ -5,7 +5,7 @@
 
   - ``synthvqa``: the tiny LLaVA trained on the synthetic VQA set (:mod:`jaxprune.eval.synthvqa`), shipped as an HF
     checkpoint in ``jaxprune/eval/synthvqa/checkpoint`` (``$JAXPRUNE_SYNTHVQA_CHECKPOINT`` points elsewhere) and
-    converted with ``checkpoints_convert`` into the cache (key = hash of the checkpoint's bytes). The default
+    converted with ``jaxprune.checkpoints`` into the cache (key = hash of the checkpoint's bytes). The default
     whenever that checkpoint's ``config.json`` exists.
   - ``demo``: the small random LLaVA of :mod:`jaxprune.eval.demo_model`, written as an HF checkpoint and converted (the
     real loading path); the default when the synthvqa checkpoint is absent.
@@ -124,7 +124,7 @@ def _synthvqa_key() -> str:
 
 
 def _synthvqa_builder(dst: Path) -> Path:
-    from checkpoints_convert import convert
+    from jaxprune.checkpoints import convert
 
     return convert(_synthvqa_dir(), dst)
 

@@ -31,6 +31,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from jaxprune.errors import JaxpruneError
+
 #: LLaVA's ``max_new_tokens`` per benchmark (haotian-liu/LLaVA @ c121f04): 128 in ``model_vqa_loader.py`` (VQAv2,
 #: GQA, TextVQA, POPE, MME, SEED), 1024 in ``model_vqa.py`` (MM-Vet), ``model_vqa_science.py``,
 #: ``model_vqa_mmbench.py``.
@@ -41,7 +43,7 @@ LONG_ANSWER_BENCHMARKS = frozenset({"mmvet", "scienceqa", "mmbench"})
 ON_ERROR = ("stop", "skip")
 
 
-class EvalError(Exception):
+class EvalError(JaxpruneError):
     """Base of the harness' errors; the message names the item (benchmark, question key, file, reducer)."""
 
     exit_code = 1

@@ -48,9 +48,9 @@ def save_demo_tokenizer(dst: str | Path) -> Path:
 
 def write_demo_checkpoint(dst: str | Path, seed: int = 0) -> Path:
     """The demo model as a converted jaxprune directory with its tokenizer: random weights -> HF safetensors (+
-    tokenizer files) -> ``checkpoints_convert.convert`` -> ``dst`` (which must not exist)."""
+    tokenizer files) -> :func:`jaxprune.checkpoints.convert` -> ``dst`` (which must not exist)."""
     import jaxprune as jp
-    from checkpoints_convert import convert, export_hf
+    from jaxprune.checkpoints import convert, export_hf
 
     dst = Path(dst)
     with tempfile.TemporaryDirectory(dir=dst.parent if dst.parent.exists() else None) as d:

@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from jaxprune.errors import JaxpruneError
+
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 MC_LETTER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(JaxpruneError, ValueError):
     """A benchmark file is malformed; the message names the file and, where known, the line or row."""
 
     def __init__(self, path: str | Path, problem: str, line: int | None = None) -> None:
@@ -43,11 +45,11 @@ class BenchmarkFormatError(ValueError):
         self.problem = problem
 
 
-class UnknownBenchmarkError(ValueError):
+class UnknownBenchmarkError(JaxpruneError, ValueError):
     """``get_benchmark`` was given a name that is not registered."""
 
 
-class MissingAnswersError(ValueError):
+class MissingAnswersError(JaxpruneError, ValueError):
     """``score(..., strict=True)`` found questions without an answer."""
 
 

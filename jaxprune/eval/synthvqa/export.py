@@ -245,7 +245,7 @@ def write_standin_checkpoint(dst: str | Path, seed: int = 0) -> Path:
     word-level ``tokenizer.json`` + ``tokenizer_config.json``, ``preprocessor_config.json``) in ``dst`` -- the
     layout of the shipped checkpoint."""
     import jaxprune as jp
-    from checkpoints_convert import export_hf
+    from jaxprune.checkpoints import export_hf
     from jaxprune.eval.wordtok import save_word_tokenizer, word_tokenizer
     from jaxprune.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
