@@ -100,27 +100,9 @@ from jaxprune.reducers.options import CROP_SPLITS, NEWLINES, NextOptions, next_o
 # ---------------------------------------------------------------------------------------------------
 # Per-crop budgets
 def per_crop_spec(r, n: int):
-    """The spec ``r`` with its image budget split over ``n`` crops (see ``crop_split``); unchanged if it has no
-    budget field (``pool``)."""
-    name = type(r).__name__
-    fields = {f.name for f in dataclasses.fields(r)} if dataclasses.is_dataclass(r) else set()
-    if "window" in fields:  # pooling: a fixed output per crop, no budget to split
-        return r
-    if {"dominant", "contextual"} <= fields:
-        d, c = r.dominant, r.contextual
-        t = (d + c) // n
-        if t < 2:
-            raise BudgetError(f"{name}: dominant={d} + contextual={c} over {n} crops leaves {t} token(s) per crop; "
-                              "a per-crop split needs >= 2 (one dominant incl. CLS + one contextual)")
-        c2 = max(1, (2 * c * t + (d + c)) // (2 * (d + c)))  # round half up of c * t / (d + c)
-        c2 = min(c2, t - 1)
-        return dataclasses.replace(r, dominant=t - c2, contextual=c2)
-    if "budget" in fields and r.budget is not None:
-        b = r.budget // n
-        if b < 1:
-            raise BudgetError(f"{name}.budget={r.budget} over {n} crops leaves no token per crop")
-        return dataclasses.replace(r, budget=b)
-    return r
+    """The spec ``r`` with its image budget split over ``n`` crops: the spec's own declared rule,
+    :meth:`~jaxprune.reducers.base.ReducerBase.per_segment` (``crop_split`` picks ``n``)."""
+    return r.per_segment(n)
 
 
 # ---------------------------------------------------------------------------------------------------
