@@ -179,15 +179,19 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def test_builtin_benchmark_and_default_switch(cache, standin, tmp_path, monkeypatch):
-    from jaxprune.eval.benchmarks import get_benchmark
     from jaxprune.eval import builtin
+    from jaxprune.eval.benchmarks import get_benchmark
+    from jaxprune.eval.config import ConfigError
 
     path = builtin.ensure_benchmark("synthvqa")
     assert path.parent == cache and builtin.ensure_benchmark("synthvqa") == path
     qs = get_benchmark("synthvqa").load(path)
     assert len(qs) == builtin.SYNTHVQA_QUESTIONS and qs[0].key == "test_0_000000_" + make_item("test", 0, 0).qas[0].qtype
     monkeypatch.setenv(builtin.CHECKPOINT_ENV, str(tmp_path / "nothing"))
-    assert builtin.default_model() == "demo" and builtin.default_sweep(tmp_path).benchmarks[0].name == "pope"
+    # a missing checkpoint is an error naming it, never a silent switch to the random demo model (issue 14)
+    assert builtin.default_model() == "synthvqa"
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        builtin.default_sweep(tmp_path)
     monkeypatch.setenv(builtin.CHECKPOINT_ENV, str(standin))
     assert builtin.default_model() == "synthvqa"
     cfg = builtin.default_sweep(tmp_path, batch_size=4)

@@ -3,12 +3,13 @@
 * Model: :data:`DEFAULT_MODEL` names an entry of :data:`BUILTIN_MODELS` (a builder writing a converted jaxprune
   directory with its tokenizer):
 
-  - ``synthvqa``: the tiny LLaVA trained on the synthetic VQA set (:mod:`jaxprune.eval.synthvqa`), shipped as an HF
-    checkpoint in ``jaxprune/eval/synthvqa/checkpoint`` (``$JAXPRUNE_SYNTHVQA_CHECKPOINT`` points elsewhere) and
-    converted with ``jaxprune.checkpoints`` into the cache (key = hash of the checkpoint's bytes). The default
-    whenever that checkpoint's ``config.json`` exists.
-  - ``demo``: the small random LLaVA of :mod:`jaxprune.eval.demo_model`, written as an HF checkpoint and converted (the
-    real loading path); the default when the synthvqa checkpoint is absent.
+  - ``synthvqa`` (the default): the tiny LLaVA trained on the synthetic VQA set (:mod:`jaxprune.eval.synthvqa`),
+    shipped as package data in ``jaxprune/eval/synthvqa/checkpoint`` (HF layout; ``$JAXPRUNE_SYNTHVQA_CHECKPOINT``
+    points elsewhere) and converted with ``jaxprune.checkpoints`` into the cache (key = hash of the checkpoint's
+    bytes). If that checkpoint is missing the run stops with a :class:`~jaxprune.eval.config.ConfigError` naming
+    the path: it never falls back to random weights.
+  - ``demo``: the small random LLaVA of :mod:`jaxprune.eval.demo_model`, written as an HF checkpoint and converted
+    (the real loading path); only when asked for (``--model demo``): its answers are noise.
 * Benchmark, per model (:data:`DEFAULT_RUNS`): ``synthvqa`` = the first :data:`SYNTHVQA_QUESTIONS` questions of
   the synthetic test split (seed 0), scored per question type with chance levels; ``shapes`` (demo) = a generated
   POPE-format benchmark (``coco/coco_pope_{split}.json`` + ``val2014/`` PNGs) of coloured squares with yes/no
@@ -76,12 +77,13 @@ def synthvqa_available() -> bool:
 
 
 def default_model() -> str:
-    """``synthvqa`` when its checkpoint exists, else ``demo`` (re-read on each call; see :data:`DEFAULT_MODEL`)."""
-    return "synthvqa" if synthvqa_available() else "demo"
+    """The default run's model: always the trained ``synthvqa`` (a missing checkpoint is an error, see
+    :func:`check_synthvqa`, never a silent switch to random weights)."""
+    return DEFAULT_MODEL
 
 
-#: The model the default run uses (as found at import; :func:`default_model` re-checks).
-DEFAULT_MODEL = default_model()
+#: The model the default run uses.
+DEFAULT_MODEL = "synthvqa"
 DEFAULT_REDUCERS = DEFAULT_RUNS[DEFAULT_MODEL].reducers
 DEFAULT_BENCHMARK = {"shapes": "pope", "synthvqa": "synthvqa"}[DEFAULT_RUNS[DEFAULT_MODEL].benchmark]
 DEFAULT_MAX_NEW_TOKENS = DEFAULT_RUNS[DEFAULT_MODEL].max_new_tokens
@@ -109,28 +111,37 @@ def _files_digest(root: Path) -> str:
     return _DIGESTS[sig]
 
 
-def _synthvqa_dir() -> Path:
+def check_synthvqa() -> Path:
+    """The synthvqa checkpoint directory, or a :class:`~jaxprune.eval.config.ConfigError` saying where it was
+    looked for and what to do (the default run calls this before anything else)."""
     src = synthvqa_checkpoint()
-    if not (src / "config.json").is_file():
-        from .config import ConfigError
+    if (src / "config.json").is_file():
+        return src
+    from .config import ConfigError
 
-        raise ConfigError(f"built-in model 'synthvqa': no checkpoint at {src} (config.json missing); set "
-                          f"${CHECKPOINT_ENV} to an HF checkpoint directory, or use --model demo")
-    return src
+    if os.environ.get(CHECKPOINT_ENV):
+        where = f"${CHECKPOINT_ENV} = {src}: no config.json there"
+        fix = f"point ${CHECKPOINT_ENV} at an HF checkpoint directory, or unset it to use the shipped one"
+    else:
+        where = f"the shipped checkpoint {src} is missing (config.json not found)"
+        fix = (f"reinstall jaxprune (the checkpoint is package data), or set ${CHECKPOINT_ENV} to an HF checkpoint "
+               "directory")
+    raise ConfigError(f"built-in model 'synthvqa': no checkpoint: {where}; {fix}. (--model demo runs a "
+                      "random-weight model, for testing the pipeline only)")
 
 
 def _synthvqa_key() -> str:
-    return "synthvqa-v1:" + _files_digest(_synthvqa_dir())
+    return "synthvqa-v1:" + _files_digest(check_synthvqa())
 
 
 def _synthvqa_builder(dst: Path) -> Path:
     from jaxprune.checkpoints import convert
 
-    return convert(_synthvqa_dir(), dst)
+    return convert(check_synthvqa(), dst)
 
 
 def _synthvqa_id() -> str:
-    return "jaxprune-synthvqa-" + _files_digest(_synthvqa_dir())[:8]
+    return "jaxprune-synthvqa-" + _files_digest(check_synthvqa())[:8]
 
 
 def _demo_builder(dst: Path) -> Path:
@@ -281,6 +292,8 @@ def default_sweep(out: str | Path, model: str | None = None, **overrides):
     from .config import BenchmarkSpec, ConfigError, ReducerSpec, SweepConfig
 
     model = model or default_model()
+    if model == "synthvqa":
+        check_synthvqa()                    # before building the benchmark: a missing model fails first
     if model not in DEFAULT_RUNS:
         raise ConfigError(f"no default run for model {model!r} (built-in: {', '.join(DEFAULT_RUNS)}); "
                           "give --benchmark and --data")

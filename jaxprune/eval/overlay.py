@@ -11,6 +11,7 @@ entering the LLM and says so in its title.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,33 +24,28 @@ from .batching import Batch, build_rows, make_items
 from .config import ReducerSpec
 
 
-def _pre_llm_kept(graphdef, params, ids, px, valid, *, reducers):
+_KEPT_JITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> jitted pre-LLM stages
+
+
+def _pre_llm_kept(graphdef, params, arrays, *, static):
     from flax import nnx
 
-    from jaxprune.reducers.plan import pre_llm
+    from jaxprune.engine import encode
 
-    out = pre_llm(nnx.merge(graphdef, params), reducers, ids, px, valid, 1)
-    return out[3], out[4]
+    out = encode(nnx.merge(graphdef, params), static, arrays)
+    return out[5], out[6]
 
 
 def kept_tokens(model: Any, reducer: Any, input_ids: np.ndarray, attention_mask: np.ndarray,
-                pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(kept [N, k] source patch indices, kept_valid [N, k]) after the vision/projector stages.
-
-    Runs only those stages (cheap to compile); falls back to the public forward's ``out.kept``."""
+                pixel_values: np.ndarray, image_sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(kept [N, k] source indices, kept_valid [N, k]) after the vision/projector stages (the LLM is not run)."""
     import jax
 
-    try:
-        from jaxprune.reducers.plan import _prepare, as_tuple
-
-        b = _prepare(model, input_ids, pixel_values, attention_mask, None, reducer)[0]
-        cache = model.__dict__.setdefault("_eval_kept_jit", {})
-        if "fn" not in cache:
-            cache["fn"] = jax.jit(functools.partial(_pre_llm_kept, model.graphdef), static_argnames=("reducers",))
-        kept, valid = cache["fn"](model.params, b.input_ids, b.pixel_values, b.valid, reducers=as_tuple(reducer))
-    except (ImportError, AttributeError, TypeError):
-        out = model(input_ids, pixel_values, attention_mask=attention_mask, reducer=reducer)
-        kept, valid = out.kept, out.kept_valid
+    p = model.plan(input_ids, pixel_values, attention_mask, image_sizes, reducer)
+    fn = _KEPT_JITS.get(model)
+    if fn is None:
+        fn = _KEPT_JITS[model] = jax.jit(functools.partial(_pre_llm_kept, model.graphdef), static_argnames=("static",))
+    kept, valid = fn(model.params, p.arrays, static=p.static)
     kept = np.asarray(kept)
     return kept, (np.asarray(valid) if valid is not None else kept >= 0)
 
@@ -61,9 +57,9 @@ def _denormalise(px: np.ndarray, img_cfg: Any) -> np.ndarray:
 
 
 def _in_llm(reducer: Any) -> str | None:
-    from jaxprune.reducers.plan import as_tuple
+    from jaxprune.engine import split_reducer
 
-    cuts = [r for r in as_tuple(reducer) if r.stage == "llm"]
+    cuts = [r for r in split_reducer(reducer)[0] if r.stage == "llm"]
     return ", ".join(f"layer {r.layer}" for r in cuts) if cuts else None
 
 

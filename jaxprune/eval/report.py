@@ -12,12 +12,21 @@
 from __future__ import annotations
 
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .answers import write_json_atomic
+
+#: Why pareto.png and the kept-token overlays are missing in a core install.
+NO_PLOTS = "plots skipped (pareto.png, kept-token overlays): matplotlib is not installed; pip install 'jaxprune[plot]'"
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib (the ``plot`` extra) is importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 _NAMES = {"pope": "POPE", "gqa": "GQA", "textvqa": "TextVQA", "mme": "MME", "scienceqa": "SQA-IMG",
           "mmbench": "MMB", "seed": "SEED", "vqav2": "VQAv2", "mmvet": "MM-Vet",
@@ -260,11 +269,9 @@ def write_reports(out: str | Path, runs: Sequence[dict], skipped: Sequence[dict]
     paths["json"] = write_json_atomic(out / "report.json", {
         "meta": meta, "summary": summarise(runs), "runs": list(runs), "skipped": list(skipped),
         "overlays": [str(p) for p in overlays]})
-    try:
+    plot = None
+    if plotting_available():  # else tables and JSON only (the sweep says so once)
         plot = pareto_plot(runs, out / "pareto.png")
-    except ImportError as e:  # matplotlib missing: tables and JSON still written
-        print(f"pareto plot skipped: {e}", file=sys.stderr)
-        plot = None
     if plot is not None:
         paths["pareto"] = plot
     return paths

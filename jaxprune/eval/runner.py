@@ -385,9 +385,37 @@ class _NoBar:
         pass
 
 
+class _StatusLine:
+    """Where stderr is not a terminal (a log file, a pipe): one line when the run's questions are answered, instead
+    of a bar redrawn per batch."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.t0, self.closed = total, desc, 0, time.perf_counter(), False
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        if self.closed or not self.total:
+            return
+        self.closed = True
+        print(f"{self.desc}: {self.n}/{self.total} questions answered in {time.perf_counter() - self.t0:.1f} s",
+              file=sys.stderr, flush=True)
+
+
+def stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
 def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on a terminal, else one status line per run; nothing when ``enabled`` is false."""
     if not enabled:
         return _NoBar()
+    if not stderr_is_terminal():
+        return _StatusLine(total, desc)
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, dynamic_ncols=True, leave=True)

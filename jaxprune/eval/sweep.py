@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ def load_tokenizer(path: str | Path) -> Any:
     A config naming a model-specific class (e.g. ``LlamaTokenizer``) goes through ``AutoTokenizer`` (slower: it
     imports torch where installed); a generic one is loaded directly."""
     path = Path(path)
+    from ._hf import quiet_transformers
+
+    quiet_transformers()
     from transformers import PreTrainedTokenizerFast
 
     cfg_file = path / "tokenizer_config.json"
@@ -120,15 +124,8 @@ def run_sweep(cfg: SweepConfig, *, context: Context | None = None, after_batch: 
 
     for item, msg in check_names(cfg):
         fail(item, ConfigError(msg))
-    if context is None:
-        model, tok, model_id, model_dir = load_model(cfg.model, cfg.dtype, cfg.tokenizer, cfg.bucket)
-        context = Context.create(model, tok, model_id, num_devices=cfg.num_devices, image_mode=cfg.image_mode,
-                                 model_dir=model_dir)
-    out = Path(cfg.out)
-    opts = RunOptions(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, on_error=cfg.on_error,
-                      progress=cfg.progress, timing_reps=cfg.timing_reps, after_batch=after_batch)
-    results: list[RunResult] = []
-    samples = []
+    # every benchmark's questions are read before the model is loaded: a malformed file fails in seconds
+    loaded = []
     for bspec in cfg.benchmarks:
         bench = get_benchmark(bspec.name)
         try:
@@ -141,6 +138,20 @@ def run_sweep(cfg: SweepConfig, *, context: Context | None = None, after_batch: 
         if not questions:
             fail(f"benchmark {bspec.name}", ItemError(f"benchmark {bspec.name} ({bspec.data}): no questions"))
             continue
+        loaded.append((bench, questions))
+    if context is None:
+        t0 = time.perf_counter()
+        model, tok, model_id, model_dir = load_model(cfg.model, cfg.dtype, cfg.tokenizer, cfg.bucket)
+        context = Context.create(model, tok, model_id, num_devices=cfg.num_devices, image_mode=cfg.image_mode,
+                                 model_dir=model_dir)
+        if cfg.progress:
+            _log(f"model {cfg.model} ({model_id}, {context.dtype}) loaded in {time.perf_counter() - t0:.1f} s")
+    out = Path(cfg.out)
+    opts = RunOptions(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, on_error=cfg.on_error,
+                      progress=cfg.progress, timing_reps=cfg.timing_reps, after_batch=after_batch)
+    results: list[RunResult] = []
+    samples = []
+    for bench, questions in loaded:
         if not samples:
             samples = _overlay_samples(questions)
         for spec in cfg.runs:
@@ -152,14 +163,14 @@ def run_sweep(cfg: SweepConfig, *, context: Context | None = None, after_batch: 
     paths: dict[str, Path] = {}
     text = ""
     if dist.is_main():
-        if cfg.overlay and samples and any(not s.is_full for s in cfg.runs):
+        from . import report
+
+        if not report.plotting_available():
+            _log(report.NO_PLOTS)
+        elif cfg.overlay and samples and any(not s.is_full for s in cfg.runs):
             from .overlay import draw_overlays
 
-            try:
-                overlays = draw_overlays(context, cfg.runs, samples, out / "overlays")
-            except ImportError as e:  # matplotlib missing
-                _log(f"overlays skipped: {e}")
-        from . import report
+            overlays = draw_overlays(context, cfg.runs, samples, out / "overlays")
         from .efficiency import device_description
 
         meta = {"model": cfg.model, "model_id": context.model_id, "dtype": context.dtype,

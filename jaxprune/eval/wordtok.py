@@ -37,6 +37,9 @@ def word_tokenizer(words: Sequence[str], vocab_size: int, image_token_index: int
 
 def save_word_tokenizer(tok, dst: str | Path) -> Path:
     """Write ``tok`` as an HF fast tokenizer folder (bos ``<s>``, eos ``</s>``, unk = pad = ``<unk>``)."""
+    from ._hf import quiet_transformers
+
+    quiet_transformers()
     from transformers import PreTrainedTokenizerFast
 
     dst = Path(dst)

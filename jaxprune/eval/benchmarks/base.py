@@ -149,6 +149,7 @@ class BenchmarkBase:
     """Shared helpers; concrete benchmarks subclass it and set ``name``."""
 
     name: str = ""
+    layout: str = ""             # the files ``load`` expects under the data root (shown by ``jaxprune-eval --help``)
     has_submission: bool = False
 
     def load(self, root: str | Path, **kwargs: Any) -> list[Question]:  # pragma: no cover - abstract

@@ -71,6 +71,8 @@ class GQA(BenchmarkBase):
     """GQA testdev-balanced (LLaVA-1.5: 62.0 for 7B)."""
 
     name = "gqa"
+    layout = ("llava_gqa_testdev_balanced.jsonl + data/images/, ground truth from "
+              "data/testdev_balanced_questions.json")
     has_submission = True
 
     def load(self, root: str | Path, *, question_file: str | Path | None = None,

@@ -69,6 +69,7 @@ class MMBench(BenchmarkBase):
     """MMBench-EN dev (LLaVA-1.5-7B: 64.3, server CircularEval)."""
 
     name = "mmbench"
+    layout = "mmbench_dev_20230712.tsv (images inside, base64)"
     has_submission = True
 
     def load(self, root: str | Path, *, question_file: str | Path | None = None, **_: Any) -> list[Question]:

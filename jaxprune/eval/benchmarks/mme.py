@@ -114,6 +114,7 @@ class MME(BenchmarkBase):
     """MME (LLaVA-1.5-7B perception: 1510.7)."""
 
     name = "mme"
+    layout = "llava_mme.jsonl + MME_Benchmark_release_version/ (images and ground truth)"
     has_submission = True
 
     def load(self, root: str | Path, *, question_file: str | Path | None = None, data_dir: str | Path | None = None,

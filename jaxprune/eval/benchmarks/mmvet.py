@@ -49,6 +49,7 @@ class MMVet(BenchmarkBase):
     """MM-Vet, 218 questions, GPT-4 graded (LLaVA-1.5-7B: 31.1)."""
 
     name = "mmvet"
+    layout = "llava-mm-vet.jsonl (or mm-vet.json) + images/; no local score (GPT-4 grader): writes its submission"
     has_submission = True
 
     def load(self, root: str | Path, *, question_file: str | Path | None = None, image_folder: str | Path | None = None,

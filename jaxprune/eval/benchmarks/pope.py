@@ -84,6 +84,7 @@ class POPE(BenchmarkBase):
     """POPE on COCO val2014 (LLaVA-1.5-7B: 85.9 = mean F1 of the three splits)."""
 
     name = "pope"
+    layout = "llava_pope_test.jsonl + coco/coco_pope_{adversarial,popular,random}.json (labels) + val2014/"
 
     def load(self, root: str | Path, *, question_file: str | Path | None = None,
              annotation_dir: str | Path | None = None, image_folder: str | Path | None = None,

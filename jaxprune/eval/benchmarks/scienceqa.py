@@ -99,6 +99,7 @@ class ScienceQA(BenchmarkBase):
     """ScienceQA test (LLaVA-1.5-7B IMG-Accuracy: 66.8)."""
 
     name = "scienceqa"
+    layout = "llava_test_CQM-A.json and/or problems.json + pid_splits.json (ground truth), images/test/"
 
     def load(self, root: str | Path, *, question_file: str | Path | None = None,
              problems_file: str | Path | None = None, splits_file: str | Path | None = None, split: str = "test",

@@ -75,6 +75,7 @@ class SEEDBench(BenchmarkBase):
     """SEED-Bench v1 (LLaVA-1.5 "SEED" = all; LLaVA-1.6 "SEED-IMG" = image part)."""
 
     name = "seed"
+    layout = "llava-seed-bench.jsonl (image paths relative to the root) + SEED-Bench.json (ground truth)"
     has_submission = True
 
     def load(self, root: str | Path, *, question_file: str | Path | None = None,

@@ -67,6 +67,8 @@ class SynthVQA(BenchmarkBase):
     """The synthetic VQA test set (our trained tiny LLaVA's benchmark)."""
 
     name = "synthvqa"
+    layout = ("llava_synthvqa_<split>.jsonl + synthvqa_<split>_answers.jsonl + images/ (written by python -m "
+              "jaxprune.eval.synthvqa.export benchmark DIR)")
     has_submission = False
 
     def load(self, root: str | Path, *, split: str | None = None, question_file: str | Path | None = None,

@@ -91,6 +91,7 @@ class TextVQA(BenchmarkBase):
     """TextVQA val, 5,000 questions (LLaVA-1.5-7B: 58.2 with OCR tokens in the prompt)."""
 
     name = "textvqa"
+    layout = "llava_textvqa_val_v051_ocr.jsonl + TextVQA_0.5.1_val.json (ground truth) + train_images/"
 
     def load(self, root: str | Path, *, question_file: str | Path | None = None,
              annotation_file: str | Path | None = None, ocr_file: str | Path | None = None,

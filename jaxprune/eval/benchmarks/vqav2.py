@@ -86,6 +86,8 @@ class VQAv2(BenchmarkBase):
     """VQAv2 (LLaVA: test-dev2015 via the EvalAI server; local soft accuracy on val)."""
 
     name = "vqav2"
+    layout = ("llava_vqav2_mscoco_test-dev2015.jsonl + test2015/ (LLaVA's eval layout), or the raw "
+              "v2_OpenEnded_mscoco_*_questions.json [+ v2_mscoco_val2014_annotations.json] + val2014/")
     has_submission = True
 
     def load(self, root: str | Path, *, question_file: str | Path | None = None,
