@@ -6,8 +6,9 @@ time per shape and XLA's ``cost_analysis`` / ``memory_analysis`` come from the v
 Inputs are batch-sharded global arrays, parameters replicated; nothing else differs from ``Llava.generate``
 (same validation and bucketing via ``Llava.prepare`` / the reducer plan, same prefill and decode functions).
 
-This module is the only place that touches the model's private entry points (``Llava._prefill`` /
-``_decode`` and ``jaxprune.reducers.plan``'s jitted prefill); a change of that API lands here.
+Everything goes through the public engine (:mod:`jaxprune.engine`): ``model.plan`` for validation and the
+static layout (any family: LLaVA-1.5, LLaVA-NeXT with ``image_sizes``), ``model.programs.prefill`` /
+``.decode`` lowered ahead of time.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class Compiled:
 
 @dataclasses.dataclass
 class Prepared:
-    args: tuple                          # global arrays for the prefill executable (after params)
+    args: tuple                          # (global arrays,) for the prefill executable (after params)
     shape: tuple[int, int, bool]
+    static: Any = None                   # the plan's static part (the compiled program's key)
 
 
 def _cost_flops(compiled: Any) -> float | None:
@@ -80,30 +82,25 @@ class Engine:
     def prepare(self, rows: Rows, global_rows: int) -> Prepared:
         """Validate + bucket this process' rows (as ``Llava.generate`` would) and assemble global arrays."""
         m = self.model
-        if self.reducer is not None and rows.pixel_values is not None:
-            from jaxprune.reducers.plan import _prepare
-
-            b = _prepare(m, rows.input_ids, rows.pixel_values, rows.attention_mask, None, self.reducer)[0]
-        else:
-            b = m.prepare(rows.input_ids, rows.pixel_values, rows.attention_mask)
+        reducer = self.reducer if rows.pixel_values is not None else None
+        p = m.plan(rows.input_ids, rows.pixel_values, rows.attention_mask, getattr(rows, "image_sizes", None),
+                   reducer)
         to = lambda x: dist.to_global(np.asarray(x), self.mesh, global_rows)
-        ids, valid = to(b.input_ids), to(b.valid)
-        px = None if b.pixel_values is None else to(b.pixel_values)
-        with_img = px is not None
-        if self.reducer is not None and with_img:
-            args = (ids, px, valid)
-        else:
-            args = (ids, px, valid, to(b.positions))
-        return Prepared(args, (global_rows, int(b.input_ids.shape[1]), with_img))
+        rows_arrays = {k: to(v) for k, v in p.arrays.items() if k in ("input_ids", "valid", "positions")}
+        per_image = {k: v for k, v in p.arrays.items() if k not in rows_arrays}
+        if per_image:  # pixels and family tables: one image per row, so they split like the rows
+            per_image = jax.tree_util.tree_map(to, per_image)
+        arrays = {**rows_arrays, **per_image}
+        with_img = "pixel_values" in arrays
+        return Prepared((arrays,), (global_rows, int(p.arrays["input_ids"].shape[1]), with_img), p.static)
 
     # ---- compiled programs ---------------------------------------------------------------------------------
-    def _key(self, shape) -> tuple:
+    def _key(self, prep: Prepared) -> tuple:
         devs = tuple(d.id for d in self.mesh.devices.flat)
-        red = self.reducer if shape[2] else None
-        return (red, shape, self.max_new_tokens, self.eos_ids, self.pad_id, devs)
+        return (prep.static, prep.shape, self.max_new_tokens, self.eos_ids, self.pad_id, devs)
 
     def compiled(self, prep: Prepared) -> Compiled:
-        key = self._key(prep.shape)
+        key = self._key(prep)
         hit = self.cache.get(key)
         if hit is None:
             hit = self._compile(prep)
@@ -115,14 +112,7 @@ class Engine:
     def _compile(self, prep: Prepared) -> Compiled:
         m, n = self.model, self.max_new_tokens
         t0 = time.perf_counter()
-        if self.reducer is not None and prep.shape[2]:
-            from jaxprune.reducers.plan import _jitted, _prefill_reduced, as_tuple
-
-            fn = _jitted(m, "prefill", _prefill_reduced, ("reducers", "imgs_per_row", "max_new_tokens"))
-            lowered = fn.lower(self.params, *prep.args, reducers=as_tuple(self.reducer), imgs_per_row=1,
-                               max_new_tokens=n)
-        else:
-            lowered = m._prefill.lower(self.params, *prep.args, max_new_tokens=n)
+        lowered = m.programs.prefill.lower(self.params, *prep.args, static=prep.static, max_new_tokens=n)
         prefill = lowered.compile()
         return Compiled(prefill, None, {"prefill": time.perf_counter() - t0}, _cost_flops(prefill),
                         _temp_bytes(prefill), prep.shape)
@@ -131,7 +121,7 @@ class Engine:
         """The decode executable for the state layout of ``c``'s prefill (compiled on first use)."""
         if c.decode is None:
             t0 = time.perf_counter()
-            c.decode = self.model._decode.lower(self.params, state, max_new_tokens=self.max_new_tokens,
+            c.decode = self.model.programs.decode.lower(self.params, state, max_new_tokens=self.max_new_tokens,
                                                 eos_ids=self.eos_ids, pad_id=self.pad_id).compile()
             c.compile_s["decode"] = time.perf_counter() - t0
         return c.decode
