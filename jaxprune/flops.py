@@ -53,7 +53,9 @@ def _clip_layer(cfg: LlavaConfig, s: int) -> float:
     return 2 * s * 4 * d * d + 2 * 2 * s * s * d + 2 * 2 * s * d * i
 
 
-def _llm_layer(cfg: LlavaConfig, t: int) -> float:
+def llm_layer(cfg: LlavaConfig, t: int) -> float:
+    """FLOPs of one decoder layer on a ``t``-token sequence: q/k/v/o projections (GQA widths), the full
+    ``t x t`` score and value matmuls, and the SwiGLU MLP (the per-layer term of ``llm_swiglu``)."""
     c = cfg.text
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     proj = 2 * t * (c.hidden_size * (q + 2 * kv) + q * c.hidden_size)
@@ -65,7 +67,7 @@ def _llm_layer(cfg: LlavaConfig, t: int) -> float:
 def _cut_cost(cfg: LlavaConfig, r, t: int, v: int) -> float:
     """Selection FLOPs of the in-LLM cut ``r`` on a ``t``-token sequence with ``v`` visual tokens (see the
     module docstring): next-layer key projection of every token, query projection and score logits of the
-    scored rows. RMSNorm, RoPE and softmax (O(t H)) are left out, as in :func:`_llm_layer`."""
+    scored rows. RMSNorm, RoPE and softmax (O(t H)) are left out, as in :func:`llm_layer`."""
     if not getattr(r, "needs_next_qk", False):
         return 0.0
     c = cfg.text
@@ -110,7 +112,7 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
     for c, stop in zip(counts, cuts):
         segs.append((stop - start, text_tokens + c))
         start = stop
-    llm = sum(n * _llm_layer(cfg, t) for n, t in segs) + 2 * cfg.text.hidden_size * cfg.text.vocab_size
+    llm = sum(n * llm_layer(cfg, t) for n, t in segs) + 2 * cfg.text.hidden_size * cfg.text.vocab_size
     fv = sum(n * _fastv_layer(cfg, t) for n, t in segs)
     cut = sum(_cut_cost(cfg, r, text_tokens + c, c) for r, c in zip(llm_cuts, counts))
     return PrefillCost(vision=batch * images * vision, projector=batch * images * projector,

@@ -39,7 +39,7 @@ CFG_32 = LlavaConfig(
 
 def _old_table():
     """The central ``_FACTORIES`` table as it was (registry.py @ 26c9b7b), written with the public API."""
-    from jaxprune.reducers.adsc import _drop_noops, default_layers
+    from jaxprune.reducers.adsc import drop_noops, default_layers
     from jaxprune.reducers.pyramiddrop import AVERAGE_LAYERS, scale_layers
 
     def depth(c):
@@ -47,13 +47,13 @@ def _old_table():
 
     def pdrop_final(b, c):
         layers = scale_layers(AVERAGE_LAYERS, depth(c))
-        layers, keeps = _drop_noops(layers, registry.final_keeps(b, c.tokens_per_image, len(layers)),
+        layers, keeps = drop_noops(layers, registry.final_keeps(b, c.tokens_per_image, len(layers)),
                                     c.tokens_per_image)
         return R.compose(*(R.PyramidDropCut(layer=l, keep=k) for l, k in zip(layers, keeps)))
 
     def adsc_final(b, c):
         layers = default_layers(depth(c))
-        return R.adsc(*_drop_noops(layers, registry.final_keeps(b, c.tokens_per_image, len(layers)),
+        return R.adsc(*drop_noops(layers, registry.final_keeps(b, c.tokens_per_image, len(layers)),
                                    c.tokens_per_image))
 
     return {

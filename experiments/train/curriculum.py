@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxprune.reducers.adsc import _average, _drop_noops, adsc, adsc_schedule, default_layers
+from jaxprune.reducers.adsc import adsc, adsc_schedule, default_layers, drop_noops, schedule_average
 from jaxprune.reducers.base import BudgetError
 
 PRESETS: dict[str, str] = {
@@ -123,12 +123,12 @@ def final_plan(budget: int, num_layers: int, total: int, layers=None) -> tuple[t
     layers = default_layers(num_layers) if layers is None else tuple(layers)
     if not 1 <= budget < total:
         raise BudgetError(f"final budget {budget} must be in [1, {total})")
-    return _drop_noops(layers, final_keeps(budget, total, len(layers)), total)
+    return drop_noops(layers, final_keeps(budget, total, len(layers)), total)
 
 
 def _lowest_average(num_layers: int, total: int, layers=None) -> float:
     layers = default_layers(num_layers) if layers is None else tuple(layers)
-    return _average(layers, [1] * len(layers), num_layers, total)
+    return schedule_average(layers, [1] * len(layers), num_layers, total)
 
 
 def resolve_kind(kind: str, budgets, num_layers: int, total: int, layers=None) -> str:
@@ -153,4 +153,4 @@ def describe(reducer, num_layers: int, total: int) -> dict:
     """``{"layers", "keeps", "average"}`` of an ADSC spec (average visual tokens over the decoder layers)."""
     cuts = [r for r in getattr(reducer, "reducers", (reducer,))]
     layers, keeps = [c.layer for c in cuts], [c.keep for c in cuts]
-    return {"layers": layers, "keeps": keeps, "average": _average(layers, keeps, num_layers, total)}
+    return {"layers": layers, "keeps": keeps, "average": schedule_average(layers, keeps, num_layers, total)}

@@ -260,7 +260,9 @@ def schedule_counts(layers, keeps, num_layers: int, total: int) -> list[int]:
     return out
 
 
-def _average(layers, keeps, L, N) -> float:
+def schedule_average(layers, keeps, L, N) -> float:
+    """Visual tokens per decoder layer averaged over the ``L`` layers of the schedule ``(layers, keeps)`` on
+    ``N`` visual tokens (:func:`schedule_counts`)."""
     return sum(schedule_counts(layers, keeps, L, N)) / L
 
 
@@ -289,7 +291,7 @@ def adsc_plan(average: float, num_layers: int = 32, total: int = 576, mode: str 
         check_layer("adsc_plan", k, L)
     if list(layers) != sorted(set(layers)):
         raise BudgetError(f"adsc_plan: layers must be strictly increasing, got {layers}")
-    lowest = _average(layers, [1] * len(layers), L, N)
+    lowest = schedule_average(layers, [1] * len(layers), L, N)
     if not lowest <= average < N:
         hint = ""
         if average < lowest:
@@ -305,17 +307,17 @@ def adsc_plan(average: float, num_layers: int = 32, total: int = 576, mode: str 
         for t in targets[:-1]:
             prev = min(prev, max(1, round(t)))
             keeps.append(prev)
-        partial = _average(layers, keeps + [0], L, N) * L  # the last segment counted as 0
+        partial = schedule_average(layers, keeps + [0], L, N) * L  # the last segment counted as 0
         last = round((average * L - partial) / (L - layers[-1]))
         keeps.append(min(prev, max(1, last)))
-        return _drop_noops(layers, tuple(keeps), N)
+        return drop_noops(layers, tuple(keeps), N)
     g = _check_grid("adsc_plan", grid) or _square(N)
     if N != g[0] * g[1]:
         raise BudgetError(f"adsc_plan: grid {g} does not hold total={N} tokens (one image)")
     tol = max(1.0, 0.02 * average)
     best, closest = None, None
     for keeps in _grid_chains(g, len(layers)):
-        a = _average(layers, keeps, L, N)
+        a = schedule_average(layers, keeps, L, N)
         err = abs(a - average)
         if closest is None or err < closest:
             closest = err
@@ -329,7 +331,7 @@ def adsc_plan(average: float, num_layers: int = 32, total: int = 576, mode: str 
         raise BudgetError(f"adsc_plan: no grid schedule on {g[0]}x{g[1]} with cuts after layers {layers} averages "
                           f"{average} within {tol:.2f} (closest is {closest:.2f} away); use mode='raster' or "
                           "other layers")
-    return _drop_noops(layers, best[1], N)
+    return drop_noops(layers, best[1], N)
 
 
 def _square(n: int) -> tuple[int, int]:
@@ -355,8 +357,9 @@ def _grid_chains(grid, m: int):
     yield from rec(grid, m)
 
 
-def _drop_noops(layers, keeps, N):
-    """Drop the cuts that keep every token (no-ops)."""
+def drop_noops(layers, keeps, N):
+    """``(layers, keeps)`` without the cuts that keep every token (no-ops) of the ``N`` before them; a
+    :class:`~jaxprune.reducers.base.BudgetError` when no cut is left."""
     out_l, out_k, prev = [], [], N
     for k, c in zip(layers, keeps):
         if c < prev:
@@ -385,4 +388,4 @@ register("adsc_grid", lambda b, c: adsc_schedule(b, num_layers=c.text.num_hidden
 def _adsc_final(budget: int, cfg) -> Compose:
     """``budget`` = visual tokens left after the last cut (``registry.final_keeps``), default layers."""
     layers = default_layers(cfg.text.num_hidden_layers)
-    return adsc(*_drop_noops(layers, final_keeps(budget, cfg.tokens_per_image, len(layers)), cfg.tokens_per_image))
+    return adsc(*drop_noops(layers, final_keeps(budget, cfg.tokens_per_image, len(layers)), cfg.tokens_per_image))

@@ -240,8 +240,8 @@ register("pyramiddrop", lambda b, c: pyramiddrop_for_average(b, num_layers=c.tex
 @register("pyramiddrop_final")
 def _pyramiddrop_final(budget: int, cfg) -> Compose:
     """``budget`` = visual tokens left after the last cut (``registry.final_keeps``), average-rule layers."""
-    from jaxprune.reducers.adsc import _drop_noops
+    from jaxprune.reducers.adsc import drop_noops
 
     layers = scale_layers(AVERAGE_LAYERS, cfg.text.num_hidden_layers)
-    layers, keeps = _drop_noops(layers, final_keeps(budget, cfg.tokens_per_image, len(layers)), cfg.tokens_per_image)
+    layers, keeps = drop_noops(layers, final_keeps(budget, cfg.tokens_per_image, len(layers)), cfg.tokens_per_image)
     return compose(*(PyramidDropCut(layer=l, keep=k) for l, k in zip(layers, keeps)))
