@@ -41,8 +41,6 @@ FAMILIES = {
     "CheckpointError": ("ConvertError", "CheckpointFileError", "ParamMismatchError", "DestinationExistsError"),
     "EvalError": ("ItemError", "EvalConfigError"),
 }
-#: Defined in a module this change could not touch (jaxprune/reducers/base.py): not yet a JaxpruneError.
-NOT_YET_JAXPRUNE_ERROR = {"BudgetError"}
 
 
 def _defined_error_classes() -> list[tuple[str, str]]:
@@ -80,9 +78,7 @@ def test_error_importable_with_its_base(name):
     assert ns["imported"] is cls
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason="BudgetError lives in jaxprune/reducers/base.py (engine rewrite)"))
-    if n in NOT_YET_JAXPRUNE_ERROR else n for n in sorted(BASES)])
+@pytest.mark.parametrize("name", sorted(BASES))
 def test_error_is_a_jaxprune_error(name):
     assert issubclass(getattr(jp, name), jp.JaxpruneError)
 

@@ -119,7 +119,7 @@ def plan(model, input_ids, pixel_values=None, attention_mask=None, image_sizes=N
         ipr = N // B
         layout = fam.static(cfg, reducers, opts, ipr, visual)
         ids, valid, ipr2, length = canonical_sequence(text.input_ids, text.mask, T, tok, visual.span_tokens,
-                                                      layout.S_h, model.bucket)
+                                                      layout.S_h, model.bucket, layout.S_full)
         if ipr2 != ipr:
             raise InputError(f"{ipr2} image spans per row but {ipr} images per row")
         _check_depth(cfg, reducers)

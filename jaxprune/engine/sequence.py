@@ -19,10 +19,14 @@ from jaxprune.inputs import InputError, bucket_length
 
 
 def canonical_sequence(ids: np.ndarray, valid: np.ndarray, length: int, image_token: int,
-                       span_tokens: np.ndarray, S_h: int, bucket: int):
+                       span_tokens: np.ndarray, S_h: int, bucket: int, S_full: int | None = None):
     """Rows ``ids [B, T]`` (valid ``[B, T]``, real length ``length``) with image ``i``'s ``span_tokens[i]``
     placeholders replaced by exactly ``S_h`` placeholders. Returns ``(ids [B, T'], valid [B, T'], images per
-    row, length')``; every row must hold the same number (>= 1) of contiguous image spans."""
+    row, length')``; every row must hold the same number (>= 1) of contiguous image spans.
+
+    The bucket is taken on the *unreduced* length (every span ``S_full`` slots, the family's maximum), then the
+    ``S_full - S_h`` removed slots per image are subtracted: ``T' = bucket(length' + ipr * d) - ipr * d``. So a
+    program is keyed by the input's bucket and the reduced LLM never runs on more padding than the full one."""
     pad_id = 0 if image_token != 0 else 1
     rows, per_row, img = [], [], 0
     for r in range(ids.shape[0]):
@@ -46,7 +50,8 @@ def canonical_sequence(ids: np.ndarray, valid: np.ndarray, length: int, image_to
     if len(set(per_row)) != 1 or per_row[0] == 0:
         raise InputError(f"images per row {per_row}: reducers need the same number (>= 1) of images in every row")
     out_len = max(map(len, rows))
-    T = bucket_length(out_len, bucket)
+    d = per_row[0] * max(0, (S_h if S_full is None else S_full) - S_h)
+    T = bucket_length(out_len + d, bucket) - d
     left = bool(valid[:, length - 1].all())  # every row ends at the last column: left (or no) padding
     out = np.full((len(rows), T), pad_id, np.int32)
     ok = np.zeros((len(rows), T), bool)

@@ -40,6 +40,7 @@ class FamilyStatic(Protocol):
     S: int      # visual slots per image the LLM receives
     S_h: int    # placeholder slots per image in the canonical rows (>= S; the rest is cut on device)
     V: int      # in-LLM pool slots per image
+    S_full: int  # slots of an unreduced image span (the family's maximum): the length bucket is taken on it
     ipr: int    # images per row (0 for the unreduced model, which places tokens in HF's layout)
 
 

@@ -33,6 +33,10 @@ class LlavaStatic:
     S_h: int          # placeholder slots per image in the canonical rows
     V: int            # in-LLM pool slots per image (= S)
 
+    @property
+    def S_full(self) -> int:  # placeholder slots of an unreduced image
+        return self.P
+
 
 def visual_budget(cfg, reducers: tuple) -> int:
     """Visual tokens per image that reach the LLM after the pre-LLM reducers; validates every budget."""

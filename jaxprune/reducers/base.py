@@ -24,10 +24,12 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from jaxprune.errors import JaxpruneError
+
 STAGE_ORDER = {"vision": 0, "projector": 1, "llm": 2}
 
 
-class BudgetError(ValueError):
+class BudgetError(JaxpruneError, ValueError):
     """A budget that cannot be honoured (<= 0, or more tokens than the stage has)."""
 
 
