@@ -17,10 +17,10 @@ pre-LLM and in-LLM) at each budget, with the ``bench_forward`` prompt (35-token 
 
 Columns:
 
-* prefill ms = jitted prefill to the first token's logits (TTFT, vision tower included; with a reducer
-  ``plan._prefill_reduced`` as ``Llava.generate`` runs it), median of ``--repeats`` runs;
+* prefill ms = jitted prefill to the first token's logits (TTFT, vision tower included; the prefill program of
+  ``model.plan(..., reducer=spec)`` as ``Llava.generate`` runs it), median of ``--repeats`` runs;
 * decode ms/token = (generate(N+1) - generate(1)) / N with EOS disabled, where generate(n) = that prefill
-  (KV caches sized for N+1 new tokens) + ``Llava._decode`` of n tokens; unlike ``bench_forward`` both
+  (KV caches sized for N+1 new tokens) + ``jaxprune.engine.decode`` of n tokens; unlike ``bench_forward`` both
   runs share one prefill program, so the prefill cancels exactly and each row compiles one prefill;
 * KV bytes = ``DecodeState.kv_bytes`` of the real prefill, asserted equal to
   :func:`jaxprune.flops.kv_cache_bytes` (a mismatch fails the run after the results are written);
@@ -58,35 +58,35 @@ from experiments import bench_reducers as br
 from experiments.bench_common import (bench_config, describe_config, git_rev, jax_device, machine, md_table, timeit,
                                       timeit_paired)
 from experiments.bench_forward import PREFIX, QUESTION, make_inputs
-from jaxprune import flops
-from jaxprune.reducers import plan, registry
+from jaxprune import engine, flops
+from jaxprune.reducers import registry
+from jaxprune.reducers.compose import as_tuple
 
 TARGET_RATIO = 0.85
 
 
 def shallow_flops(cfg, spec, seq: int, batch: int) -> float:
-    """FLOPs of the shallow prefill(s) ``plan.pre_llm`` runs for projector reducers with ``shallow_layers``:
-    ``K-1`` full decoder layers on the ``seq``-token sequence, then layer K-1's norm + q/k/v projections and
-    the score rows of its ``query_rows`` last tokens (``plan._text_to_image``)."""
+    """FLOPs of the shallow prefill(s) ``jaxprune.engine.encode`` runs for projector reducers with
+    ``shallow_layers``: ``K-1`` full decoder layers on the ``seq``-token sequence, then layer K-1's norm + q/k/v
+    projections and the score rows of its ``query_rows`` last tokens (``jaxprune.engine.vision.text_to_image``)."""
     c = cfg.text
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     total = 0.0
-    for r in plan.as_tuple(spec):
+    for r in as_tuple(spec):
         k = getattr(r, "shallow_layers", 0) if r.stage == "projector" else 0
         if k:
             rows = getattr(r, "query_rows", 32)
-            total += ((k - 1) * flops._llm_layer(cfg, seq) + 2 * seq * c.hidden_size * (q + 2 * kv)
+            total += ((k - 1) * flops.llm_layer(cfg, seq) + 2 * seq * c.hidden_size * (q + 2 * kv)
                       + 2 * rows * seq * q)
     return batch * total
 
 
 def release_programs(model) -> None:
-    """Drop the compiled reduced-prefill and decode programs of the rows done so far (the full model's own
-    prefill, the pairing baseline, stays). A full sweep compiles ~100 programs of a 32-layer decoder; kept
-    alive they exhausted the JIT's memory mappings on a 24 GiB machine ("LLVM compilation error: Cannot
-    allocate memory") after ~40 rows."""
-    for f in [*model.__dict__.get("_reduced_jits", {}).values(), model._decode]:
-        f.clear_cache()
+    """Drop the compiled prefill and decode programs of the rows done so far (``model.programs``; the pairing
+    baseline, the full model's prefill, runs from programs of its own and stays). A full sweep compiles ~100
+    programs of a 32-layer decoder; kept alive they exhausted the JIT's memory mappings on a 24 GiB machine
+    ("LLVM compilation error: Cannot allocate memory") after ~40 rows."""
+    model.programs.clear_cache()
 
 
 def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int, baseline=None) -> dict:
@@ -94,14 +94,14 @@ def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int, baselin
     pairs with it and report ``speedup`` = median of the per-pair ratios."""
     cfg = model.cfg
     run, meta = br.prefill_runner(model, spec, ids, mask, px)
-    b, ipr = meta["batch"], meta["imgs_per_row"]
-    B, T = b.input_ids.shape
+    ipr, text = meta["imgs_per_row"], meta["text_tokens"]
+    B, T = meta["plan"].batch_shape
     n = new_tokens + 1
 
     def generate(k):
         def f():
             st = run(n)
-            jax.block_until_ready(model._decode(model.params, st, max_new_tokens=k, eos_ids=(), pad_id=0))
+            jax.block_until_ready(engine.decode(model, st, k, eos_ids=(), pad_id=0))
         return f
 
     prefill = lambda: jax.block_until_ready(run(n).first_logits)  # noqa: E731
@@ -117,11 +117,11 @@ def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int, baselin
     t1 = timeit(generate(1), repeats)
     tn = timeit(generate(n), repeats)
     state = run(n)
-    cost = flops.prefill_cost(cfg, spec, text_tokens=T - ipr * cfg.tokens_per_image, images=ipr, batch=B)
+    cost = flops.prefill_cost(cfg, spec, text_tokens=text, images=ipr, batch=B)
     kv_analytic = flops.kv_cache_bytes(cfg, cost, batch=B, new_tokens=n, itemsize=model.dtype.itemsize)
     extra = 0.0 if spec is None else shallow_flops(cfg, spec, T, B)
     return {"stages": "" if spec is None else br.describe(spec), "seq": T,
-            "text_tokens": T - ipr * cfg.tokens_per_image,
+            "text_tokens": text,
             "avg_visual_tokens": cost.average_visual_tokens, "segments": cost.segments,
             "visual_tokens": cost.visual_tokens, "prefill_s": t_pre, "decode_s_per_tok": (tn - t1) / new_tokens,
             "kv_bytes": int(state.kv_bytes), "kv_bytes_analytic": int(kv_analytic),
@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     ids, mask, px = make_inputs(cfg, a.batch)
     full = prior["full"] if prior else {"reducer": "full", "budget": cfg.tokens_per_image,
                                         **bench_row(model, None, ids, mask, px, new_tokens, repeats)}
-    run_full, _ = br.prefill_runner(model, None, ids, mask, px)
+    run_full, _ = br.prefill_runner(model, None, ids, mask, px, programs=engine.Programs(model.graphdef))
     n_full = new_tokens + 1
     baseline = lambda: jax.block_until_ready(run_full(n_full).first_logits)  # noqa: E731
     data = {"machine": machine(), "device": jax_device(), "git": git_rev(), "command": br.command(

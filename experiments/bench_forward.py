@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from experiments.bench_common import bench_config, git_rev, jax_device, machine, md_table, timeit, write_results
+from jaxprune import engine
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 from jaxprune.model import Llava
 
@@ -64,10 +65,10 @@ def hf_model_from(model: Llava):
 
 
 def bench_jax(model: Llava, ids, mask, px, new_tokens: int, repeats: int):
-    b = model.prepare(ids, px, mask)
+    p = model.plan(ids, px, mask)
 
     def prefill(n):
-        return model._prefill(model.params, b.input_ids, b.pixel_values, b.valid, b.positions, max_new_tokens=n)
+        return engine.prefill(model, p, n)
 
     def run_prefill():
         jax.block_until_ready(prefill(new_tokens + 1).first_logits)
@@ -75,7 +76,7 @@ def bench_jax(model: Llava, ids, mask, px, new_tokens: int, repeats: int):
     def run_generate(n):
         def f():
             st = prefill(n)
-            jax.block_until_ready(model._decode(model.params, st, max_new_tokens=n, eos_ids=(), pad_id=0))
+            jax.block_until_ready(engine.decode(model, st, n, eos_ids=(), pad_id=0))
         return f
 
     t_pre = timeit(run_prefill, repeats)

@@ -4,7 +4,7 @@ A row = (model, batch, reducer, budget). The model is built once per worker with
 on the device (:func:`jaxprune.sharding.random_model`: one jitted init program, nothing on the host) in the
 benchmark dtype; inputs are the ``bench_forward`` / ``bench_next`` prompts (35 text tokens, one image, 40 text
 tokens; NeXT: a square 672 px image, 5 crops). Each row runs exactly the jitted programs ``Llava.generate``
-runs (``Llava._prefill`` / ``plan._prefill_reduced`` / ``plan_next._prefill_next``, then ``Llava._decode``) and
+runs (``model.programs.prefill`` on the row's ``model.plan(...)``, then ``model.programs.decode``) and
 records what :mod:`experiments.bench_gpu` documents (TTFT, decode, KV bytes, XLA-plan peak memory, analytic
 FLOPs, per-layer sequence lengths). Results are appended to a JSON-lines file: ``{"start": key}`` before a row,
 the row's record after it (with ``error`` if it failed), so a crash loses at most the row in flight.
@@ -80,23 +80,11 @@ def make_inputs(model: str, cfg: LlavaConfig, batch: int):
 def prefill_call(model, spec, inp):
     """``(jitted fn, args, kwargs, text slots)``: ``fn(*args, **kwargs, max_new_tokens=n) -> DecodeState``, the
     exact program ``Llava.generate`` runs (text slots = non-visual slots of the sequence, bucket padding incl.)."""
-    from jaxprune.reducers import plan, plan_next
-
-    p = model.params
-    if spec is None:
-        b = model.prepare(inp["ids"], inp["px"], inp["mask"], inp["sizes"])
-        kw = {} if b.anyres is None else {"anyres": b.anyres.device_arrays}
-        return (model._prefill, (p, b.input_ids, b.pixel_values, b.valid, b.positions), kw,
-                b.input_ids.shape[1] - inp["n_visual"])
-    if model.cfg.model_type == "llava":
-        b, rs, ipr, _ = plan._prepare(model, inp["ids"], inp["px"], inp["mask"], None, spec)
-        fn = plan._jitted(model, "prefill", plan._prefill_reduced, ("reducers", "imgs_per_row", "max_new_tokens"))
-        return (fn, (p, b.input_ids, b.pixel_values, b.valid), {"reducers": rs, "imgs_per_row": ipr},
-                b.input_ids.shape[1] - ipr * model.cfg.tokens_per_image)
-    nb, rs, st = plan_next.prepare_next(model, inp["ids"], inp["px"], None, inp["sizes"], spec)
-    fn = plan._jitted(model, "prefill_next", plan_next._prefill_next, ("reducers", "st", "max_new_tokens"))
-    return (fn, (p, nb.ids, nb.pixel_values, nb.valid, nb.arrays), {"reducers": rs, "st": st},
-            nb.ids.shape[1] - st.ipr * st.S_h)
+    p = model.plan(inp["ids"], inp["px"], inp["mask"], inp["sizes"], spec)
+    T = p.arrays["input_ids"].shape[1]
+    lay = p.static.layout
+    text = T - inp["n_visual"] if spec is None else T - lay.ipr * lay.S_h
+    return model.programs.prefill, (model.params, p.arrays), {"static": p.static}, text
 
 
 def analytic(cfg: LlavaConfig, spec, seqs: list[int], full_seq: int) -> dict:
@@ -106,7 +94,7 @@ def analytic(cfg: LlavaConfig, spec, seqs: list[int], full_seq: int) -> dict:
     from experiments.bench_budgets import shallow_flops
     from jaxprune import flops
     from jaxprune.models.param_spec import param_shapes
-    from jaxprune.reducers.plan_next import unwrap
+    from jaxprune.reducers.options import unwrap
 
     t = cfg.text
     if cfg.model_type == "llava":
@@ -123,7 +111,7 @@ def analytic(cfg: LlavaConfig, spec, seqs: list[int], full_seq: int) -> dict:
                            "llm_cuts", 0.0) if spec is not None else 0.0
         except Exception:  # noqa: BLE001 - budgets the 1.5 view cannot express
             cuts = 0.0
-    llm = sum(flops._llm_layer(cfg, s) for s in seqs) + 2 * t.hidden_size * t.vocab_size + cuts
+    llm = sum(flops.llm_layer(cfg, s) for s in seqs) + 2 * t.hidden_size * t.vocab_size + cuts
     shallow = 0.0 if spec is None else shallow_flops(cfg, unwrap(spec)[0], full_seq, 1)
     w = sum(int(math.prod(s)) for k, s in param_shapes(cfg).items()
             if k.startswith(("language.layers", "language.norm", "lm_head"))
@@ -203,6 +191,8 @@ def measure(model, spec, inp, new: int, repeats: int, timeit, baseline=None) -> 
     """One row's figures; ``baseline`` (the full model's prefill at this batch) makes the TTFT timing paired."""
     import jax
 
+    from jaxprune import engine
+
     fn, args, kw, text_slots = prefill_call(model, spec, inp)
     fb = _ATTN["fallbacks"]
     t0 = time.perf_counter()
@@ -221,11 +211,10 @@ def measure(model, spec, inp, new: int, repeats: int, timeit, baseline=None) -> 
     out["prefill"] = prefill
 
     def dec(k):
-        return lambda: jax.block_until_ready(model._decode(model.params, state, max_new_tokens=k, eos_ids=(),
-                                                           pad_id=0))
+        return lambda: jax.block_until_ready(engine.decode(model, state, k, eos_ids=(), pad_id=0))
 
     t1, tn = timeit(dec(1), repeats), timeit(dec(new + 1), repeats)
-    B = int(args[1].shape[0])
+    B = int(args[1]["input_ids"].shape[0])
     seqs = [int(c.capacity) - (new + 1) for c in state.caches]
     out.update(seq=seqs[0], seqs=seqs, text_slots=int(text_slots), kv_bytes=int(state.kv_bytes),
                decode_s_per_tok=(tn - t1) / new, attention_fallbacks=_ATTN["fallbacks"] - fb,

@@ -22,9 +22,9 @@ import numpy as np
 
 import jaxprune as jp
 from experiments.bench_common import git_rev, jax_device, machine, md_table, timeit, write_results
+from jaxprune import engine
 from jaxprune.config import LlavaConfig
 from jaxprune.processing_anyres import max_crops, num_image_tokens
-from jaxprune.reducers import plan_next
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 PREFIX, QUESTION, NEW = 35, 40, 16
@@ -72,26 +72,17 @@ def make_inputs(cfg: LlavaConfig, batch: int):
 
 def bench_row(model, ids, px, sizes, spec, repeats: int):
     """(prefill s, decode s/token, kv bytes, LLM sequence length)."""
-    if spec is None:
-        b = model.prepare(ids, px, None, sizes)
+    p = model.plan(ids, px, None, sizes, spec)
 
-        def prefill(n):
-            return model._prefill(model.params, b.input_ids, b.pixel_values, b.valid, b.positions, max_new_tokens=n,
-                                  anyres=b.anyres.device_arrays)
-    else:
-        nb, rs, st = plan_next.prepare_next(model, ids, px, None, sizes, spec)
-        fn = plan_next._jitted(model, "prefill_next", plan_next._prefill_next, ("reducers", "st", "max_new_tokens"))
-
-        def prefill(n):
-            return fn(model.params, nb.ids, nb.pixel_values, nb.valid, nb.arrays, reducers=rs, st=st,
-                      max_new_tokens=n)
+    def prefill(n):
+        return engine.prefill(model, p, n)
 
     state = prefill(NEW + 1)
     t_pre = timeit(lambda: jax.block_until_ready(prefill(NEW + 1).first_logits), repeats)
 
     def decode(n):  # the decode loop alone, on one prefill state (caches sized for NEW + 1 tokens)
         def f():
-            jax.block_until_ready(model._decode(model.params, state, max_new_tokens=n, eos_ids=(), pad_id=0))
+            jax.block_until_ready(engine.decode(model, state, n, eos_ids=(), pad_id=0))
         return f
 
     t1, tn = timeit(decode(1), repeats), timeit(decode(NEW + 1), repeats)

@@ -2,16 +2,16 @@
 
 For every registered reducer (:func:`jaxprune.reducers.registry.names`) at each budget:
 
-* pruned prefill = jitted prefill to the first token's logits with that reducer (``plan._prefill_reduced``
-  through ``plan._jitted``, exactly what ``Llava.generate`` runs; vision tower included);
+* pruned prefill = jitted prefill to the first token's logits with that reducer (``jaxprune.engine.prefill`` of
+  ``model.plan(..., reducer=spec)``, exactly what ``Llava.generate`` runs; vision tower included);
 * own time = the reducer alone on the exact context it receives on this model and these inputs (captured
   by :mod:`experiments.capture`): ``jax.jit(reducer)(ctx)`` for vision / projector reducers, the whole
-  cut (``llm._cut``: context build, reducer, sequence rebuild) for LLM-stage ones; a ``compose`` of
+  cut (``jaxprune.engine.cuts.cut``: context build, reducer, sequence rebuild) for LLM-stage ones; a ``compose`` of
   several reducers sums its parts;
 * overhead = own / pruned prefill, pass when <= 5%;
 * reducers that run a shallow prefill on the full sequence before pruning (``shallow_layers > 0``:
-  ConsensusDrop with source="shallow") get that pass timed separately (``plan._merge_sequence`` +
-  ``plan._text_to_image``); it is not part of "own".
+  ConsensusDrop with source="shallow") get that pass timed separately (``jaxprune.engine.sequence.place_spans``
+  + ``jaxprune.engine.vision.text_to_image``, as the engine runs it); it is not part of "own".
 
 Config: :func:`bench_common.bench_config` (LLaVA-1.5 shape at reduced width, 576 visual tokens), the
 ``bench_forward`` prompt (35-token prefix, one image, 40-token question), batch 1, fp32.
@@ -36,9 +36,11 @@ import jax
 from experiments import capture as cap_mod
 from experiments.bench_common import RESULTS, bench_config, git_rev, jax_device, machine, md_table, timeit
 from experiments.bench_forward import PREFIX, QUESTION, make_inputs
+from jaxprune import engine
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 from jaxprune.model import Llava
-from jaxprune.reducers import plan, registry
+from jaxprune.reducers import registry
+from jaxprune.reducers.compose import as_tuple
 
 TARGET_OVERHEAD = 0.05
 REFERENCE_TOKENS = 576  # budgets are quoted for LLaVA-1.5; --tiny scales them to its own token count
@@ -68,7 +70,7 @@ _MODELS: dict = {}
 
 def load_model(cfg: LlavaConfig, seed: int = 0) -> Llava:
     """Random-weight model, cached per (config, seed) so that both benchmarks in one process share its
-    compiled programs (``plan._jitted`` caches on the model object)."""
+    compiled programs (``model.programs``)."""
     key = (cfg, seed)
     if key not in _MODELS:
         _MODELS[key] = Llava.random(cfg, seed=seed)
@@ -104,29 +106,26 @@ def command(module: str, argv) -> str:
     return " ".join(["python -m", module, *args])
 
 
-def prefill_runner(model: Llava, spec, ids, mask, px):
+def prefill_runner(model: Llava, spec, ids, mask, px, programs: engine.Programs | None = None):
     """``run(n) -> DecodeState``: the jitted prefill (caches for ``n`` new tokens) of the full model
-    (``spec=None``: ``Llava._prefill``) or with reducer ``spec`` (``plan._prefill_reduced``, as
-    ``Llava.generate``). Returns ``(run, meta)`` with the prepared batch and the images per row."""
-    if spec is None:
-        b = model.prepare(ids, px, mask)
-
-        def run(n):
-            return model._prefill(model.params, b.input_ids, b.pixel_values, b.valid, b.positions, max_new_tokens=n)
-
-        return run, {"batch": b, "imgs_per_row": b.pixel_values.shape[0] // b.input_ids.shape[0]}
-    b, reducers, ipr, _ = plan._prepare(model, ids, px, mask, None, spec)
-    fn = plan._jitted(model, "prefill", plan._prefill_reduced, ("reducers", "imgs_per_row", "max_new_tokens"))
+    (``spec=None``) or with reducer ``spec``: the prefill program of ``model.plan(...)``, exactly what
+    ``Llava.generate`` runs (:func:`jaxprune.engine.prefill`). ``programs``: run it from these programs of the
+    model's graph instead of ``model.programs`` (a baseline that survives ``model.programs.clear_cache()``).
+    Returns ``(run, meta)``: the plan, the images per row and the text slots per row (the plan's rows minus
+    their visual placeholder slots; bucket padding included)."""
+    p = model.plan(ids, px, mask, None, spec)
+    progs = model.programs if programs is None else programs
 
     def run(n):
-        return fn(model.params, b.input_ids, b.pixel_values, b.valid, reducers=reducers, imgs_per_row=ipr,
-                  max_new_tokens=n)
+        return progs.prefill(model.params, p.arrays, static=p.static, max_new_tokens=n)
 
-    return run, {"batch": b, "imgs_per_row": ipr}
+    B, T = p.batch_shape
+    ipr = p.arrays["pixel_values"].shape[0] // B
+    return run, {"plan": p, "imgs_per_row": ipr, "text_tokens": T - ipr * p.static.layout.S_h}
 
 
 def describe(spec) -> str:
-    return "+".join(f"{r.stage}" + (f":{r.layer}" if r.stage == "llm" else "") for r in plan.as_tuple(spec))
+    return "+".join(f"{r.stage}" + (f":{r.layer}" if r.stage == "llm" else "") for r in as_tuple(spec))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,7 +149,7 @@ def bench_reducer(model: Llava, spec, ids, mask, px, new_tokens: int, repeats: i
         part["own_s"] = part.get("cut_s", part["reducer_s"])
         own += part["own_s"]
         if r.stage == "projector" and getattr(r, "shallow_layers", 0):
-            sf, args = cap_mod.shallow_fn(model, r, opts), cap_mod.shallow_args(model, cap, ctx)
+            sf, args = cap_mod.shallow_fn(model, r, cap.plan.static.layout, opts), cap_mod.shallow_args(model, cap, ctx)
             t2i = sf(*args)
             part["shallow_layers"] = r.shallow_layers
             part["shallow_check_max_abs_diff"] = float(abs(t2i - ctx.text_to_image).max())
@@ -222,9 +221,9 @@ def main(argv=None) -> dict:
                         "(inter 1376, vocab 32064)") + f"; batch {a.batch}, {PREFIX}-token prefix + image + "
         f"{QUESTION}-token question ({ids.shape[1]} tokens), random weights",
         f"- full-model prefill (no reducer): {t_full * 1e3:.2f} ms",
-        ("- pruned prefill = jitted prefill to first-token logits with the reducer (plan._prefill_reduced, as "
+        ("- pruned prefill = jitted prefill to first-token logits with the reducer (jaxprune.engine.prefill, as "
          "Llava.generate; vision tower included); own = the reducer on the context it receives in that run "
-         "(captured), jitted alone; LLM-stage reducers: the whole cut (llm._cut: context incl. q/k recompute, "
+         "(captured), jitted alone; LLM-stage reducers: the whole cut (engine.cuts.cut: context incl. q/k recompute, "
          "reducer, sequence rebuild); a compose sums its parts ('reducer fn' lists each part's reducer call "
          "alone); shallow = ConsensusDrop-style shallow prefill on the full sequence, not part of own; "
          f"medians of {repeats} (reducer-only timings: {3 * repeats})"), "",

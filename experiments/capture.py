@@ -1,19 +1,21 @@
 """Capture the exact context each reducer of a spec receives on a real model and real inputs.
 
-The capture runs the model's own reduced prefill (:func:`jaxprune.reducers.plan._prefill_reduced`,
-i.e. ``plan.pre_llm`` then ``llm.prefill_llm``) under ``jax.jit``, with every reducer of the spec
-wrapped in a recorder that hands the real reducer its context, stores the context, and returns the real
-output, so the pipeline goes on exactly as in ``Llava.generate``. After the last reducer the trace is
-abandoned (nothing downstream of it is compiled) and the stored contexts are the jitted function's
-outputs. Nothing of the pipeline is re-implemented here; the benchmarks then time, on those contexts:
+The capture runs the model's own prefill program (:func:`jaxprune.engine.run.prefill_fn` on the plan of
+``model.plan(..., reducer=spec)``: the family's tower and pre-LLM stages, the placement, then the decoder with
+its in-LLM cuts) under ``jax.jit``, with every reducer of the plan's static part wrapped in a recorder that
+hands the real reducer its context, stores the context, and returns the real output, so the pipeline goes on
+exactly as in ``Llava.generate``. After the last reducer the trace is abandoned (nothing downstream of it is
+compiled) and the stored contexts are the jitted function's outputs. Nothing of the pipeline is re-implemented
+here; the benchmarks then time, on those contexts:
 
 * a vision / projector reducer: ``jax.jit(reducer)(ctx)``;
-* an LLM-stage reducer: the whole cut, :func:`jaxprune.reducers.llm._cut` (context build incl. layer K's
-  q/k when ``needs_next_qk``, the reducer, and the sequence rebuild). ``_cut``'s inputs are exactly the
+* an LLM-stage reducer: the whole cut, :func:`jaxprune.engine.cuts.cut` (context build incl. layer K's
+  q/k when ``needs_next_qk``, the reducer, and the sequence rebuild). ``cut``'s inputs are exactly the
   fields of the :class:`~jaxprune.reducers.llm.LLMContext` it builds, so they come from the capture;
 * a projector reducer with ``shallow_layers > 0`` (ConsensusDrop, source="shallow"): the shallow prefill
-  on the full sequence (``plan._merge_sequence`` + ``plan._text_to_image``, as ``plan.pre_llm`` calls
-  them), checked against the ``text_to_image`` the capture recorded.
+  on the full sequence (:func:`jaxprune.engine.sequence.place_spans` +
+  :func:`jaxprune.engine.vision.text_to_image`, as :func:`jaxprune.engine.encode` calls them), checked against
+  the ``text_to_image`` the capture recorded.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from jaxprune import generate as gen
-from jaxprune.reducers import llm as llm_stage
-from jaxprune.reducers import plan
+from jaxprune.engine import cuts
+from jaxprune.engine import decoder as dec
+from jaxprune.engine.run import prefill_fn
+from jaxprune.engine.sequence import place_spans
+from jaxprune.engine.vision import text_to_image
 
 
 class _Done(Exception):
@@ -55,11 +60,11 @@ class _Recorder:
 
 @dataclasses.dataclass
 class Capture:
-    """The contexts of every reducer of a spec, in pipeline order, plus the prepared batch."""
+    """The contexts of every reducer of a spec, in pipeline order, plus the plan of the call."""
 
     reducers: tuple          # the spec's reducers (stage order)
     contexts: list           # one context pytree per reducer (VisionContext / ProjectorContext / LLMContext)
-    batch: Any               # jaxprune.inputs.Batch (bucketed ids, pixels, valid)
+    plan: Any                # jaxprune.engine.Plan (canonical bucketed rows, pixels, valid; static layout)
     imgs_per_row: int
     visual_per_image: int    # visual tokens per image that reach the LLM
 
@@ -72,35 +77,37 @@ def capture(model, input_ids, pixel_values, reducer, attention_mask=None, max_ne
             compiler_options: dict | None = None) -> Capture:
     """Run ``model``'s reduced prefill with ``reducer`` (a spec or ``compose``) up to its last reducer and
     return the context each of its reducers received."""
-    b, reducers, ipr, k = plan._prepare(model, input_ids, pixel_values, attention_mask, None, reducer)
+    p = model.plan(input_ids, pixel_values, attention_mask, None, reducer)
+    reducers = p.static.reducers
 
-    def run(params, ids, px, valid):
+    def run(params, arrays):
         sink: list = []
         recs = tuple(_Recorder(r, sink, i == len(reducers) - 1) for i, r in enumerate(reducers))
         try:
-            plan._prefill_reduced(model.graphdef, params, ids, px, valid, reducers=recs, imgs_per_row=ipr,
-                                  max_new_tokens=max_new_tokens)
+            prefill_fn(model.graphdef, params, arrays, static=dataclasses.replace(p.static, reducers=recs),
+                       max_new_tokens=max_new_tokens)
         except _Done:
             pass
         if len(sink) != len(reducers):
             raise RuntimeError(f"captured {len(sink)} contexts for {len(reducers)} reducers")
         return sink
 
-    contexts = jax.jit(run, compiler_options=compiler_options)(model.params, b.input_ids, b.pixel_values, b.valid)
-    return Capture(reducers=reducers, contexts=list(contexts), batch=b, imgs_per_row=ipr, visual_per_image=k)
+    contexts = jax.jit(run, compiler_options=compiler_options)(model.params, p.arrays)
+    lay = p.static.layout
+    return Capture(reducers=reducers, contexts=list(contexts), plan=p, imgs_per_row=lay.ipr, visual_per_image=lay.S)
 
 
 def reducer_fn(model, r, with_cut: bool = True, compiler_options: dict | None = None):
     """A jitted ``f(params, ctx)`` that does the reducer's own work on a captured context.
 
-    Pre-LLM stages: ``r(ctx)``. LLM stage: ``llm._cut`` on the captured inputs (``with_cut``), or ``r(ctx)``
+    Pre-LLM stages: ``r(ctx)``. LLM stage: ``engine.cuts.cut`` on the captured inputs (``with_cut``), or ``r(ctx)``
     alone (``with_cut=False``)."""
     graphdef = model.graphdef
     if r.stage == "llm" and with_cut:
         def f(params, ctx):
             m = nnx.merge(graphdef, params)
-            return llm_stage._cut(m, r, ctx.hidden, ctx.valid, ctx.positions, ctx.visual_index, ctx.visual_valid,
-                                  (ctx.prev_q, ctx.prev_k))
+            return cuts.cut(m, r, ctx.hidden, ctx.valid, ctx.positions, ctx.visual_index, ctx.visual_valid,
+                            (ctx.prev_q, ctx.prev_k))
     else:
         def f(params, ctx):
             del params
@@ -108,32 +115,34 @@ def reducer_fn(model, r, with_cut: bool = True, compiler_options: dict | None = 
     return jax.jit(f, compiler_options=compiler_options)
 
 
-def shallow_fn(model, r, compiler_options: dict | None = None):
+def shallow_fn(model, r, layout, compiler_options: dict | None = None):
     """A jitted ``f(params, input_ids, valid, features, features_valid, text_embeds) -> text_to_image [N, P]``:
-    the shallow prefill ``plan.pre_llm`` runs for a projector reducer with ``shallow_layers > 0`` (full
-    sequence with ``features`` in the image slots, ``r.shallow_layers`` decoder layers)."""
+    the shallow prefill :func:`jaxprune.engine.encode` runs for a projector reducer with ``shallow_layers > 0``
+    (the plan's rows -- ``layout`` = its ``static.layout`` -- with ``features`` in the image spans,
+    ``r.shallow_layers`` decoder layers)."""
     graphdef, img_tok = model.graphdef, model.cfg.image_token_index
 
     def f(params, ids, valid, feats, fvalid, text_emb):
         m = nnx.merge(graphdef, params)
         is_img = (ids == img_tok) & valid
-        full_h = plan._merge_sequence(m, ids, valid, is_img, feats, fvalid, text_emb)[0]
-        return plan._text_to_image(m, full_h, gen.default_positions(valid), valid, is_img, r.shallow_layers,
-                                   getattr(r, "query_rows", 32), feats.shape[0], feats.shape[1])
+        hf, vf, imgf = place_spans(ids, valid, is_img, text_emb, feats, fvalid, jnp.ones(fvalid.shape, bool),
+                                   layout.S_h, layout.ipr)
+        return text_to_image(m, hf, dec.default_positions(vf), vf, imgf, r.shallow_layers,
+                             getattr(r, "query_rows", 32), feats.shape[0], feats.shape[1])
 
     return jax.jit(f, compiler_options=compiler_options)
 
 
 def text_embeds(model, input_ids):
-    """LLM input embeddings of the prompt's ids ``[B, T, H]`` (what ``pre_llm`` builds before any stage)."""
+    """LLM input embeddings of the prompt's ids ``[B, T, H]`` (what ``engine.encode`` builds before any stage)."""
     graphdef = model.graphdef
     return jax.jit(lambda params, ids: nnx.merge(graphdef, params).embed_text(ids))(model.params, input_ids)
 
 
 def shallow_args(model, cap: Capture, ctx) -> tuple:
     """Arguments of :func:`shallow_fn` for a captured projector context ``ctx``."""
-    b = cap.batch
-    return (model.params, b.input_ids, b.valid, ctx.features, ctx.valid, text_embeds(model, b.input_ids))
+    ids, valid = cap.plan.arrays["input_ids"], cap.plan.arrays["valid"]
+    return (model.params, ids, valid, ctx.features, ctx.valid, text_embeds(model, ids))
 
 
 __all__ = ["FAST_COMPILE", "Capture", "capture", "reducer_fn", "shallow_args", "shallow_fn", "text_embeds"]

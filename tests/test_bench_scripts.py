@@ -16,7 +16,8 @@ import pytest
 from experiments import bench_budgets, bench_reducers, capture
 from experiments.bench_common import RESULTS
 from experiments.bench_forward import make_inputs
-from jaxprune.reducers import plan, registry
+from jaxprune.reducers import registry
+from jaxprune.reducers.compose import as_tuple
 
 BUDGET = "192"  # of 576, scaled by --tiny to 48 of its 144 tokens: every reducer can run there
 
@@ -30,7 +31,7 @@ def representatives() -> list[str]:
     kinds: dict[str, tuple[set, int]] = {}
     for name in registry.names():
         try:
-            rs = plan.as_tuple(registry.make(name, budget, cfg))
+            rs = as_tuple(registry.make(name, budget, cfg))
         except Exception:  # noqa: BLE001, S112 - the slow test reports it
             continue
         k = {r.stage for r in rs} | {"shallow" for r in rs if getattr(r, "shallow_layers", 0)}
