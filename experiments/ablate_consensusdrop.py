@@ -11,7 +11,8 @@ For each variant (``fusion`` in rrf/borda/minmax, ``source`` in shallow (K=2 dec
 * fidelity proxy: KL(p_full || p_pruned) and top-1 agreement of the next-token distribution at the
   last prompt position against the unpruned model.
 
-The stages are run with the plan's own building blocks, so every compile is shared: the context
+The stages are run with the engine's own building blocks (``jaxprune.engine.vision`` / ``.sequence`` /
+``.decoder``), so every compile is shared: the context
 (vision tower + projector + shallow text->image attention) once, the LLM once per budget, the
 reducer once per variant. One variant per source is checked against ``model(..., reducer=r)``.
 Weights are random: the fidelity numbers measure how much a selection perturbs the network's
@@ -42,10 +43,12 @@ from experiments.bench_common import (
     md_table,
     write_results,
 )
-from jaxprune import generate as gen
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
+from jaxprune.engine import decoder as gen
+from jaxprune.engine.sequence import place_spans
+from jaxprune.engine.vision import clip_segment, cls_attention, text_to_image
 from jaxprune.model import Llava
-from jaxprune.reducers._core import gather, select_topk
+from jaxprune.reducers import gather, select_topk
 from jaxprune.reducers.base import ProjectorContext
 from jaxprune.reducers.consensusdrop import (
     FUSIONS,
@@ -54,13 +57,6 @@ from jaxprune.reducers.consensusdrop import (
     consensusdrop,
 )
 from jaxprune.reducers.fastervlm import FasterVLM
-from jaxprune.reducers.plan import (
-    _clip_segment,
-    _cls_attn,
-    _compact_sequence,
-    _merge_sequence,
-    _text_to_image,
-)
 
 BUDGETS = (48, 32, 16)
 SHALLOW = 2
@@ -94,35 +90,43 @@ def make_batch(cfg: LlavaConfig, batch: int, seed: int = 0, prefix: int = 8):
 
 # ---------------------------------------------------------------------------------------------- stages
 def context_fn(graphdef, params, ids, px, valid, *, shallow: int):
-    """What ``plan.pre_llm`` hands a projector reducer (no vision-stage reducer, one image per row)."""
+    """What ``jaxprune.engine.encode`` hands a projector reducer (no vision-stage reducer, one image per row)."""
     m = nnx.merge(graphdef, params)
     cfg = m.cfg
     is_img = (ids == cfg.image_token_index) & valid
     text_emb = m.embed_text(ids)
     h = m.vision.embed(px)
     tvalid = jnp.ones(h.shape[:2], bool)
-    h, q, k = _clip_segment(m, h, tvalid, 0, cfg.feature_layer_index)
-    cls = _cls_attn(q, k, tvalid)
+    h, q, k = clip_segment(m, h, tvalid, 0, cfg.feature_layer_index)
+    cls = cls_attention(q, k, tvalid)
     h, fvalid, cls, k = h[:, 1:], tvalid[:, 1:], cls[:, :, 1:], k[:, 1:]
     feats = m.projector(h)
     t2i = None
     if shallow:
-        full = _merge_sequence(m, ids, valid, is_img, feats, fvalid, text_emb)[0]
-        t2i = _text_to_image(m, full, gen.default_positions(valid), valid, is_img, shallow, 32, px.shape[0],
-                             feats.shape[1])
+        full = _spans(m, ids, valid, is_img, feats, fvalid, text_emb)[0]
+        t2i = text_to_image(m, full, gen.default_positions(valid), valid, is_img, shallow, 32, px.shape[0],
+                            feats.shape[1])
     return ProjectorContext(features=feats, valid=fvalid, vision_hidden=h, cls_attn=cls, keys=k,
                             text_embeds=text_emb, text_valid=valid & ~is_img, text_to_image=t2i,
                             grid=(cfg.vision.grid, cfg.vision.grid))
 
 
+def _spans(m, ids, valid, is_img, feats, fvalid, text_emb):
+    """``(h, valid)`` of the LLM input with ``feats [N, k, H]`` in the first ``k`` slots of each image span (the
+    other ``P - k`` removed; ``k = P``: the full sequence) -- the engine's placement, one image per row."""
+    h, v2, _ = place_spans(ids, valid, is_img, text_emb, feats, fvalid, jnp.ones(fvalid.shape, bool),
+                           m.cfg.tokens_per_image, 1)
+    return h, v2
+
+
 def shallow_fn(graphdef, params, ids, valid, feats):
-    """The plan's shallow pass alone: K decoder layers on the full sequence -> text->image attention."""
+    """The engine's shallow pass alone: K decoder layers on the full sequence -> text->image attention."""
     m = nnx.merge(graphdef, params)
     is_img = (ids == m.cfg.image_token_index) & valid
     text_emb = m.embed_text(ids)
-    full = _merge_sequence(m, ids, valid, is_img, feats, jnp.ones(feats.shape[:2], bool), text_emb)[0]
-    return _text_to_image(m, full, gen.default_positions(valid), valid, is_img, SHALLOW, 32, feats.shape[0],
-                          feats.shape[1])
+    full = _spans(m, ids, valid, is_img, feats, jnp.ones(feats.shape[:2], bool), text_emb)[0]
+    return text_to_image(m, full, gen.default_positions(valid), valid, is_img, SHALLOW, 32, feats.shape[0],
+                         feats.shape[1])
 
 
 def last_logits_fn(graphdef, params, ids, valid, feats, fvalid):
@@ -130,10 +134,7 @@ def last_logits_fn(graphdef, params, ids, valid, feats, fvalid):
     m = nnx.merge(graphdef, params)
     is_img = (ids == m.cfg.image_token_index) & valid
     text_emb = m.embed_text(ids)
-    if feats.shape[1] == m.cfg.tokens_per_image:
-        h, v2 = _merge_sequence(m, ids, valid, is_img, feats, fvalid, text_emb)
-    else:
-        h, v2, _ = _compact_sequence(m, ids, valid, is_img, feats, fvalid, text_emb, 1)
+    h, v2 = _spans(m, ids, valid, is_img, feats, fvalid, text_emb)
     logits = gen.full_logits(m, h, gen.default_positions(v2), v2)
     return jnp.take_along_axis(logits, gen.last_valid_index(v2)[:, None, None], axis=1)[:, 0]
 
@@ -191,8 +192,8 @@ def main(argv=None) -> None:
     cfg = ablation_config()
     model = Llava.random(cfg, seed=0)
     ids_np, mask_np, px_np = make_batch(cfg, args.batch)
-    b = model.prepare(ids_np, px_np, mask_np)
-    ids, px, valid = b.input_ids, b.pixel_values, b.valid
+    p = model.plan(ids_np, px_np, mask_np)  # unreduced rows (HF layout, bucketed): each image span P slots
+    ids, px, valid = p.arrays["input_ids"], p.arrays["pixel_values"], p.arrays["valid"]
     gd, params = model.graphdef, model.params
     ctx_jit = jax.jit(context_fn, static_argnums=0, static_argnames="shallow")
     llm_jit = jax.jit(last_logits_fn, static_argnums=0)

@@ -46,7 +46,7 @@ from jaxprune.eval.synthvqa.scene import COLOUR_NAMES, SHAPES
 from experiments.train.batches import collate, encode
 from experiments.train.loss import llava_logits, sequence_hits, token_xent, vision_hidden
 from jaxprune.eval.wordtok import save_word_tokenizer, word_tokenizer
-from jaxprune import generate as gen
+from jaxprune.engine import decoder as gen
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 from jaxprune.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, IMAGE_TOKEN
 

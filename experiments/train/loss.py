@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxprune import generate as gen
+from jaxprune.engine import decoder as gen
 from jaxprune.models.llava import LlavaModule
 
 

@@ -1,9 +1,9 @@
 """Training through the reducer path: logits of the *reduced* sequence, labels mapped onto its layout, and
 the LoRA loss / AdamW step (data parallel over a ``data`` mesh axis).
 
-The forward is the inference forward of ``model(..., reducer=r)`` (``jaxprune.reducers.plan`` /
-``jaxprune.reducers.llm``): :func:`jaxprune.reducers.plan.pre_llm`, then the decoder run in segments with
-:func:`jaxprune.reducers.llm._cut` between them -- the same functions, without KV caches. Every cut is a
+The forward is the inference forward of ``model(..., reducer=r)`` (:mod:`jaxprune.engine`):
+:func:`jaxprune.engine.encode` (family tower, pre-LLM stages, placement), then the decoder run in segments with
+:func:`jaxprune.engine.cuts.cut` between them -- the same functions, without KV caches. Every cut is a
 gather at indices that do not depend on the parameters, so the loss is differentiable in the weights (no
 gradient flows through the index choice; ADSC's indices depend on validity only).
 
@@ -17,6 +17,7 @@ exactly this, from the visual maps of the input and of the final segment.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -27,11 +28,12 @@ import optax
 from flax import nnx
 
 from experiments.train.loss import token_xent
-from jaxprune import generate as gen
+from jaxprune import engine, families
+from jaxprune.engine import cuts
+from jaxprune.engine import decoder as gen
 from jaxprune.lora import LoraConfig, apply_lora
 from jaxprune.models.llava import LlavaModule
-from jaxprune.reducers import llm as llm_stage
-from jaxprune.reducers.plan import as_tuple, pre_llm
+from jaxprune.reducers.compose import as_tuple
 
 
 def reduced_forward(m: LlavaModule, reducers: tuple, input_ids: jax.Array, valid: jax.Array,
@@ -53,11 +55,9 @@ def reduced_forward(m: LlavaModule, reducers: tuple, input_ids: jax.Array, valid
         pos, is_vis = gen.default_positions(valid), is_vis_in
         n_vis = (features.shape[0] // B) * features.shape[1]
     else:
-        ipr = pixel_values.shape[0] // B
-        h, valid2, pos, kept, _, is_vis = pre_llm(m, reducers, input_ids, pixel_values, valid, ipr)
-        n_vis = ipr * kept.shape[1]
+        h, valid2, pos, is_vis, n_vis = encode_reduced(m, reducers, input_ids, valid, pixel_values)
     L = len(m.language.layers)
-    vis_idx = llm_stage._visual_slots(is_vis, n_vis)
+    vis_idx = cuts.visual_slots(is_vis, n_vis)
     vis_valid = jnp.take_along_axis(valid2, vis_idx, axis=1)
     start = 0
     for r in [r for r in reducers if r.stage == "llm"] + [None]:
@@ -65,11 +65,28 @@ def reduced_forward(m: LlavaModule, reducers: tuple, input_ids: jax.Array, valid
         h, _, qk = gen.decoder_prefill(m, h, pos, valid2, range(start, stop), 0, return_qk=True)
         if r is None:
             break
-        h, valid2, pos, vis_idx, vis_valid, _ = llm_stage._cut(m, r, h, valid2, pos, vis_idx, vis_valid, qk)
+        h, valid2, pos, vis_idx, vis_valid, _ = cuts.cut(m, r, h, valid2, pos, vis_idx, vis_valid, qk)
         start = stop
     rows = jnp.arange(B)[:, None]
     is_vis_out = jnp.zeros(valid2.shape, bool).at[rows, vis_idx].set(True)
     return m.logits(h), valid2, is_vis_in, is_vis_out
+
+
+def encode_reduced(m: LlavaModule, reducers: tuple, input_ids: jax.Array, valid: jax.Array,
+                   pixel_values: jax.Array):
+    """The LLM input of ``reducers`` on rows in the HF layout (every image span ``P`` placeholders):
+    :func:`jaxprune.engine.encode` with the family's static layout, its canonical spans kept at ``P`` slots
+    (the inference path shortens them to ``S_h`` on the host first; the placement then keeps the same first
+    ``S`` slots of each span). Returns ``(h, valid, positions, is_visual, n_visual)``."""
+    cfg = m.cfg
+    ipr = pixel_values.shape[0] // input_ids.shape[0]
+    fam = families.get(cfg.model_type)
+    layout = dataclasses.replace(fam.static(cfg, reducers, None, ipr, None), S_h=cfg.tokens_per_image)
+    static = engine.EngineStatic(cfg.model_type, layout, reducers, True)
+    arrays = {"input_ids": input_ids, "valid": valid, "pixel_values": pixel_values,
+              "tables": fam.tables(cfg, None, layout)}
+    h, valid2, pos, is_vis, n_vis, _, _ = engine.encode(m, static, arrays)
+    return h, valid2, pos, is_vis, n_vis
 
 
 def map_labels(labels: jax.Array, is_visual_in: jax.Array, is_visual_out: jax.Array, n_visual_in: int
