@@ -7,7 +7,7 @@ each available reducer at a few budgets, printing sequence length, prefill time,
 KV-cache bytes and agreement of greedy tokens with the full model.
 
 The model itself (``DEMO_CFG``, its tokenizer, :func:`write_demo_checkpoint`) lives in the library
-(:mod:`jaxprune.eval.demo_model`, ``jaxprune-eval --model demo``); it is re-exported here.
+(:mod:`jaxprune.eval.demo_model`, ``jaxprune-eval --model demo``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import PIL.Image
 
 import jaxprune as jp
 from experiments.bench_common import md_table
-from jaxprune.eval.demo_model import (  # noqa: F401  (re-exported)
-    DEMO_CFG, DEMO_WORDS, demo_tokenizer, save_demo_tokenizer, write_demo_checkpoint)
+from jaxprune.eval.demo_model import DEMO_CFG
 from jaxprune.processing import ImageProcessorConfig, preprocess_images
 
 

@@ -230,7 +230,7 @@ def test_default_run_and_slice_on_the_standin(cache, standin, tmp_path, monkeypa
     """``jaxprune-eval --model synthvqa`` (trimmed to the full model on 8 questions) and evaluate_slice."""
     from jaxprune.eval import builtin
     from jaxprune.eval.cli import main
-    from jaxprune.eval.synthvqa.export import evaluate_slice
+    from jaxprune.eval.synthvqa.check import evaluate_slice
 
     monkeypatch.setenv(builtin.CHECKPOINT_ENV, str(standin))
     rc = main(["--model", "synthvqa", "--reducer", "full", "--limit", "8", "--no-overlay", "--no-progress",

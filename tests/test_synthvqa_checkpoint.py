@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxprune.eval.synthvqa.export import evaluate_slice
+from jaxprune.eval.synthvqa.check import evaluate_slice
 
 CKPT = Path(__file__).resolve().parents[1] / "jaxprune" / "eval" / "synthvqa" / "checkpoint"
 RECORD = CKPT / "accuracy.json"

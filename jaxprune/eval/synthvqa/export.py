@@ -17,7 +17,8 @@
                                                                 {"from": "gpt", "value": answer}]}]
       DIR/images/...
 
-* :func:`evaluate_slice` -- accuracy of a model on the first ``n`` test questions (the shipped model's check).
+* the check of a model on a slice of the test split is :mod:`.check` (it runs the harness, which imports this
+  module: the data side never imports the harness).
 * :func:`write_standin_checkpoint` -- a random-weight HF checkpoint shaped like the shipped one (tests, and the
   notebook before the trained checkpoint exists).
 
@@ -30,7 +31,6 @@ Command line::
                                                         [--n-questions N]
     python -m jaxprune.eval.synthvqa.export instructions DIR [--split train] [--seed 0] [--n-images 5000]
                                                            [--multi-turn]
-    python -m jaxprune.eval.synthvqa.export evaluate MODEL_DIR [--n-questions 200] [--seed 0] [--reducer NAME:K]
     python -m jaxprune.eval.synthvqa.export standin DIR
 """
 
@@ -44,7 +44,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from .dataset import Item, make_item
 from .questions import CHANCE, QA, QTYPES
@@ -188,30 +187,6 @@ def write_instructions(dst: str | Path, split: str = "train", seed: int = 0, n_i
     return dst / instructions_file(split)
 
 
-# ---- checking a model ---------------------------------------------------------------------------------------
-def evaluate_slice(model_dir: str | Path, n_questions: int = 200, seed: int = 0, split: str = "test",
-                   reducer: str | None = None, batch_size: int = 16, max_new_tokens: int = 4,
-                   dtype: str = "float32", return_score: bool = False) -> Any:
-    """Accuracy (percent, 0-100) of the model in ``model_dir`` (HF or converted directory with its tokenizer, or a
-    built-in model name such as ``"synthvqa"``) on the first ``n_questions`` questions of ``(split, seed)``, through
-    the evaluation harness (same prompts, preprocessing, greedy decoding and scorer as ``jaxprune-eval``).
-
-    ``reducer``: ``"NAME:BUDGET"`` to score a reduced model instead of the full one. ``return_score``: return the
-    scorer's whole dict (per-type accuracy, chance levels) instead of the accuracy."""
-    from jaxprune.eval import BenchmarkSpec, ReducerSpec, SweepConfig, run_sweep
-
-    with tempfile.TemporaryDirectory(prefix="synthvqa-slice-") as d:
-        data = write_benchmark(Path(d) / "data", split, seed, n_images=None, n_questions=n_questions)
-        spec = ReducerSpec.parse(reducer) if reducer else None
-        cfg = SweepConfig(model=str(model_dir), benchmarks=[BenchmarkSpec("synthvqa", str(data))],
-                          reducers=[spec] if spec else [], full=spec is None, out=str(Path(d) / "out"),
-                          batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype, overlay=False,
-                          progress=False, timing_reps=1)
-        outcome = run_sweep(cfg)
-        score = outcome.runs[0]["score"]
-    return score if return_score else score["accuracy"]
-
-
 # ---- stand-in model -----------------------------------------------------------------------------------------
 def standin_config():
     """The shipped model's config (``MODEL_CFG`` of the training script ``experiments/synthvqa/train.py``, repeated
@@ -284,12 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--qtypes", default=",".join(QTYPES), help=f"comma-separated subset of {','.join(QTYPES)}")
         p.add_argument("--overwrite", action="store_true")
-    e = sub.add_parser("evaluate", help="accuracy of a model on the first N test questions")
-    e.add_argument("model", help="HF / converted model directory with its tokenizer, or a built-in name")
-    e.add_argument("--n-questions", type=int, default=200)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--split", default="test")
-    e.add_argument("--reducer", help="NAME:BUDGET (default: the full model)")
     s = sub.add_parser("standin", help="a random-weight HF checkpoint shaped like the shipped model")
     s.add_argument("dst")
     args = ap.parse_args(argv)
@@ -303,9 +272,6 @@ def main(argv: list[str] | None = None) -> int:
         path = write_instructions(args.dst, args.split, args.seed, args.n_images, tuple(args.qtypes.split(",")),
                                   args.multi_turn, args.overwrite)
         print(f"{path}: {len(json.loads(path.read_text()))} records")
-    elif args.cmd == "evaluate":
-        score = evaluate_slice(args.model, args.n_questions, args.seed, args.split, args.reducer, return_score=True)
-        print(json.dumps(score, indent=1))
     else:
         print(write_standin_checkpoint(args.dst))
     return 0
