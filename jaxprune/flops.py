@@ -81,40 +81,69 @@ def _fastv_layer(cfg: LlavaConfig, n: int) -> float:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: int = 1, batch: int = 1
-                 ) -> PrefillCost:
-    """FLOPs of one prefill of ``batch`` rows, each ``text_tokens`` text tokens plus ``images`` images."""
-    from jaxprune.engine.cuts import check_llm_reducers
-    from jaxprune.families.llava import visual_budget
-    from jaxprune.reducers.compose import as_tuple
-
-    reducers = () if reducer is None else as_tuple(reducer)
+def _tower(cfg: LlavaConfig, specs) -> tuple[float, int]:
+    """FLOPs of one image / crop through the tower (embedding + layers up to the feature layer, fewer tokens
+    after each vision-stage cut of ``specs``) and its token count at the feature layer (CLS included)."""
     v = cfg.vision
     L = cfg.feature_layer_index
-    # vision tower: embedding + layers, with the token count after each vision-stage cut
-    vision = 2 * v.num_patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
+    cost = 2 * v.num_patches * v.patch_size ** 2 * v.num_channels * v.hidden_size
     s, done = 1 + v.num_patches, 0
-    full = cfg.vision_feature_select_strategy == "full"
-    for r in reducers:
+    for r in specs:
         if r.stage != "vision":
             continue
         cut = L if r.vision_layer is None else r.vision_layer
-        vision += sum(_clip_layer(cfg, s) for _ in range(done, cut))
+        cost += sum(_clip_layer(cfg, s) for _ in range(done, cut))
         done, s = cut, 1 + r.output_tokens(v.num_patches)
-    vision += sum(_clip_layer(cfg, s) for _ in range(done, L))
-    per_image_proj = s - (0 if full else 1)
-    projector = 2 * per_image_proj * (v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size ** 2)
-    k = visual_budget(cfg, reducers) if reducers else cfg.tokens_per_image
-    counts = check_llm_reducers(cfg, reducers, images, k)
+    cost += sum(_clip_layer(cfg, s) for _ in range(done, L))
+    return cost, s
+
+
+def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: int = 1, batch: int = 1,
+                 image_tokens: int | None = None, crops: int | None = None) -> PrefillCost:
+    """FLOPs of one prefill of ``batch`` rows, each ``text_tokens`` text tokens plus ``images`` images.
+
+    LLaVA-NeXT (``cfg.model_type == "llava_next"``): ``crops`` real crops per image (default: the pinpoints'
+    maximum) and ``image_tokens`` placeholders per image (its HF count; default: the maximum). The unreduced
+    model runs the image's real tokens; with a reducer the decoder runs the static span of the family's layout
+    (:mod:`jaxprune.families.llava_next`: ``S`` slots per image, unused ones masked but computed)."""
+    from jaxprune import families
+    from jaxprune.engine.cuts import check_llm_reducers
+    from jaxprune.engine.plan import split_reducer
+
+    reducers, opts = split_reducer(reducer) if reducer is not None else ((), None)
+    v = cfg.vision
+    full = cfg.vision_feature_select_strategy == "full"
+    st = families.get(cfg.model_type).static(cfg, reducers, opts, images, None)
+    if cfg.model_type == "llava_next":
+        n = st.C if crops is None else int(crops)
+        chain = ()
+        if st.mode == "vision":
+            chain = dict(st.variants).get(n if opts is None or opts.crop_split == "real" else 0)
+            if chain is None:
+                chain = st.variants[-1][1]
+        vision_one, s = _tower(cfg, chain)
+        vision = n * vision_one
+        projector = n * 2 * (s - 1) * (v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size ** 2)
+        if reducers:
+            span, pool = st.S, st.V
+        else:
+            span = pool = st.S_full if image_tokens is None else int(image_tokens)
+    else:
+        vision, s = _tower(cfg, reducers)
+        per_image_proj = s - (0 if full else 1)
+        projector = 2 * per_image_proj * (v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size ** 2)
+        span = pool = st.S if reducers else cfg.tokens_per_image
+    counts = check_llm_reducers(cfg, reducers, images, pool)
     llm_cuts = [r for r in reducers if r.stage == "llm"]
     cuts = [r.layer for r in llm_cuts] + [cfg.text.num_hidden_layers]
+    fixed = text_tokens + images * (span - pool)  # tokens that never leave the sequence (text, non-pool slots)
     segs, start = [], 0
     for c, stop in zip(counts, cuts):
-        segs.append((stop - start, text_tokens + c))
+        segs.append((stop - start, fixed + c))
         start = stop
-    llm = sum(n * llm_layer(cfg, t) for n, t in segs) + 2 * cfg.text.hidden_size * cfg.text.vocab_size
-    fv = sum(n * _fastv_layer(cfg, t) for n, t in segs)
-    cut = sum(_cut_cost(cfg, r, text_tokens + c, c) for r, c in zip(llm_cuts, counts))
+    llm = sum(n_ * llm_layer(cfg, t) for n_, t in segs) + 2 * cfg.text.hidden_size * cfg.text.vocab_size
+    fv = sum(n_ * _fastv_layer(cfg, t) for n_, t in segs)
+    cut = sum(_cut_cost(cfg, r, fixed + c, c) for r, c in zip(llm_cuts, counts))
     return PrefillCost(vision=batch * images * vision, projector=batch * images * projector,
                        llm_swiglu=batch * llm, llm_fastv_formula=batch * fv, segments=tuple(segs),
                        visual_tokens=tuple(counts), llm_cuts=batch * cut)

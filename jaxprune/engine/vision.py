@@ -1,9 +1,6 @@
-"""The one vision-encoder loop and the signals pre-LLM reducers read (CLS attention, text-to-image attention).
-
-Every family runs its tower through :func:`clip_segment` (layers ``[start, stop)``), cutting between segments
-where a vision-stage reducer sits; the unreduced model is the same loop without cuts. :func:`text_to_image`
-is the query-aware signal of a shallow decoder prefill on the full sequence (ConsensusDrop's cross-attention).
-"""
+"""The text-to-image signal: query-aware attention of a shallow decoder prefill on the full sequence
+(ConsensusDrop's cross-attention), handed to families as a callback by :func:`jaxprune.engine.encode`.
+The tower loop itself is :func:`jaxprune.models.tower.clip_segment`."""
 
 from __future__ import annotations
 
@@ -13,24 +10,6 @@ import jax.numpy as jnp
 from jaxprune.engine import decoder as dec
 from jaxprune.models.attention import attention_rows
 from jaxprune.models.llava import LlavaModule
-
-
-def clip_segment(m: LlavaModule, h: jax.Array, valid: jax.Array | None, start: int, stop: int):
-    """CLIP layers ``[start, stop)`` on ``h [N, S, D]`` with key mask ``valid [N, S]`` (None: every token).
-
-    Returns ``(h, q, k)``: the hidden states and the last layer's queries / keys ``[N, S, heads, hd]``."""
-    mask = None if valid is None else valid[:, None, None, :]
-    q = k = None
-    for i in range(start, stop):
-        h, q, k = m.vision.layers[i](h, mask)
-    return h, q, k
-
-
-def cls_attention(q: jax.Array, k: jax.Array, valid: jax.Array | None) -> jax.Array:
-    """Softmax attention of the CLS query (token 0): ``q, k [N, S, heads, hd]`` -> ``[N, heads, S]``."""
-    if valid is None:
-        valid = jnp.ones(k.shape[:2], bool)
-    return attention_rows(q[:, :1], k, valid)[:, :, 0, :]
 
 
 def text_to_image(m: LlavaModule, h: jax.Array, positions: jax.Array, valid: jax.Array, is_img: jax.Array,

@@ -11,17 +11,23 @@
   every batch exactly as an uninterrupted run does.
 * Prompt lengths for planning come from one batched tokenizer call with a single ``<image>`` id per image
   (+ ``tokens_per_image - 1``); the exact expansion is checked against it when a row is built.
+* LLaVA-NeXT (anyres): an image's placeholder count depends on its size, so planning reads each image's size
+  from its header (:func:`image_hw`, no decoding), pixels are ``[crops, 3, S, S]`` padded to the config's maximum
+  crops, and every row carries ``image_sizes`` (HF ``LlavaNextProcessor`` convention).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from jaxprune.eval.benchmarks import Question
+from jaxprune.processing_anyres import AnyresProcessorConfig, anyres_grid, preprocess_anyres_image
 from jaxprune.processing import (
     IMAGE_TOKEN,
     ImageProcessorConfig,
@@ -40,6 +46,8 @@ class Item:
     prompt: str
     n_images: int       # 0 or 1
     length: int         # prompt length in tokens after image expansion
+    image_tokens: int = 0  # placeholder tokens of its image (0: no image)
+    image_crops: int = 1   # crops its image is cut into (anyres: 1 base + tiles; else 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +73,32 @@ def check_tokenizer(tokenizer: Any, image_token_index: int) -> None:
                           "(image_token_index): use the tokenizer saved with the model (--tokenizer DIR)")
 
 
-def make_items(questions: Sequence[Question], tokenizer: Any, tokens_per_image: int) -> list[Item]:
+def image_hw(q: Question) -> tuple[int, int]:
+    """(height, width) of the question's image from its header (PIL opens lazily: nothing is decoded)."""
+    from PIL import Image
+
+    src = io.BytesIO(base64.b64decode(q.image_b64)) if q.image_b64 is not None else q.image_path
+    with Image.open(src) as img:
+        return int(img.height), int(img.width)
+
+
+def image_tokens_of(q: Question, img_cfg: Any, tokens_per_image: int) -> tuple[int, int]:
+    """(placeholder tokens, crops) of ``q``'s image: ``(tokens_per_image, 1)`` for fixed-size models, or the anyres
+    count of its size (LLaVA-NeXT; an unreadable image plans with the maximum and fails when loaded)."""
+    if not isinstance(img_cfg, AnyresProcessorConfig):
+        return tokens_per_image, 1
+    try:
+        h, w = image_hw(q)
+    except Exception:  # noqa: BLE001 - reported when the row is built
+        return tokens_per_image, img_cfg.max_crops
+    gh, gw = anyres_grid((h, w), img_cfg.pinpoints_hw, img_cfg.crop_size)
+    return img_cfg.num_image_tokens(h, w), 1 + gh * gw
+
+
+def make_items(questions: Sequence[Question], tokenizer: Any, tokens_per_image: int, img_cfg: Any = None
+               ) -> list[Item]:
+    """Prompts and planned lengths; ``img_cfg`` (an :class:`AnyresProcessorConfig` for LLaVA-NeXT) decides the
+    placeholder count of each image (``tokens_per_image`` is then the maximum)."""
     prompts = [build_vicuna_v1_prompt(q.text, with_image=has_image(q)) for q in questions]
     if not prompts:
         return []
@@ -73,7 +106,8 @@ def make_items(questions: Sequence[Question], tokenizer: Any, tokens_per_image: 
     items = []
     for i, (q, p, ids) in enumerate(zip(questions, prompts, enc)):
         n = int(has_image(q))
-        items.append(Item(i, q, p, n, len(ids) + n * (tokens_per_image - 1)))
+        k, c = image_tokens_of(q, img_cfg, tokens_per_image) if n else (0, 1)
+        items.append(Item(i, q, p, n, len(ids) + n * (k - 1), k, c))
     return items
 
 
@@ -88,8 +122,9 @@ def plan_batches(items: Sequence[Item], batch_size: int) -> list[Batch]:
     return out
 
 
-def load_pixels(q: Question, img_cfg: ImageProcessorConfig) -> np.ndarray:
-    """``[3, S, S]`` float32 for the question's image; :class:`ItemError` naming the question and file."""
+def load_pixels(q: Question, img_cfg: ImageProcessorConfig | AnyresProcessorConfig):
+    """``[3, S, S]`` float32 for the question's image (anyres: ``([crops, 3, S, S], (h, w))``); :class:`ItemError`
+    naming the question and file."""
     where = f"question {q.key!r}"
     path = q.image_path
     try:
@@ -100,6 +135,8 @@ def load_pixels(q: Question, img_cfg: ImageProcessorConfig) -> np.ndarray:
         src = f"image file {path}" if path is not None else "embedded base64 image"
         raise ItemError(f"{where}: cannot read {src}: {type(e).__name__}: {e}") from None
     try:
+        if isinstance(img_cfg, AnyresProcessorConfig):
+            return preprocess_anyres_image(img, img_cfg)
         return preprocess_image(img, img_cfg)
     except Exception as e:  # noqa: BLE001
         raise ItemError(f"{where}: cannot preprocess image {path}: {e}") from None
@@ -123,16 +160,38 @@ class Rows:
 
     input_ids: np.ndarray       # [b, T] int32, left-padded
     attention_mask: np.ndarray  # [b, T] int32
-    pixel_values: np.ndarray | None  # [b, 3, S, S] float32
+    pixel_values: np.ndarray | None  # [b, 3, S, S] float32 (anyres: [b, crops, 3, S, S])
     ok: np.ndarray              # [b] bool: a real row that loaded fine (False: dummy or failed)
     errors: dict[str, str]      # key -> message for rows that failed to load
+    image_sizes: np.ndarray | None = None  # [b, 2] (height, width): anyres (LLaVA-NeXT) only
 
 
-def load_batch_images(batch: Batch, rows: range, img_cfg: ImageProcessorConfig, image_size: int
-                      ) -> tuple[np.ndarray | None, np.ndarray, dict[str, str]]:
-    """Pixels ``[b, 3, S, S]`` of the rows ``rows`` (None for a text-only batch), which real rows loaded, and
-    ``key -> message`` for those that failed. Thread-safe (no tokenizer): the runner prefetches with it."""
-    px = np.zeros((len(rows), 3, image_size, image_size), np.float32) if batch.n_images else None
+@dataclasses.dataclass
+class LoadedImages:
+    """Pixels of some rows of a batch (what :func:`load_batch_images` returns; thread-safe to build)."""
+
+    pixel_values: np.ndarray | None   # [b, 3, S, S] (anyres: [b, crops, 3, S, S]); None for a text-only batch
+    loaded: np.ndarray                # [b] bool: a real row whose image loaded
+    errors: dict[str, str]            # key -> message for rows that failed
+    image_sizes: np.ndarray | None = None  # [b, 2] (height, width), anyres only
+
+    def __iter__(self):  # (px, loaded, errors), the historical tuple
+        return iter((self.pixel_values, self.loaded, self.errors))
+
+
+def load_batch_images(batch: Batch, rows: range, img_cfg: ImageProcessorConfig | AnyresProcessorConfig,
+                      image_size: int) -> LoadedImages:
+    """Pixels of the rows ``rows`` (None for a text-only batch), which real rows loaded, and ``key -> message``
+    for those that failed. Thread-safe (no tokenizer): the runner prefetches with it. Anyres configs give
+    ``[b, max crops, 3, S, S]`` (crops beyond an image's own are zeros) and each row's (height, width); failed
+    and dummy rows get the batch's first image size (their prompt is the first item's)."""
+    anyres = isinstance(img_cfg, AnyresProcessorConfig)
+    px = sizes = None
+    if batch.n_images:
+        shape = (img_cfg.max_crops, 3, image_size, image_size) if anyres else (3, image_size, image_size)
+        px = np.zeros((len(rows),) + shape, np.float32)
+        if anyres:
+            sizes = np.zeros((len(rows), 2), np.int64)
     loaded = np.zeros(len(rows), bool)
     errors: dict[str, str] = {}
     for j, r in enumerate(rows):
@@ -141,34 +200,67 @@ def load_batch_images(batch: Batch, rows: range, img_cfg: ImageProcessorConfig, 
         q = batch.items[r].question
         if batch.n_images:
             try:
-                px[j] = load_pixels(q, img_cfg)
+                got = load_pixels(q, img_cfg)
             except ItemError as e:
                 errors[q.key] = str(e)
                 continue
+            if anyres:
+                crops, hw = got
+                if img_cfg.num_image_tokens(*hw) != batch.items[r].image_tokens:
+                    errors[q.key] = (f"question {q.key!r}: the image's decoded size {hw} gives "
+                                     f"{img_cfg.num_image_tokens(*hw)} tokens, its header planned "
+                                     f"{batch.items[r].image_tokens}")
+                    continue
+                px[j, : crops.shape[0]] = crops
+                sizes[j] = hw
+            else:
+                px[j] = got
         loaded[j] = True
-    return px, loaded, errors
+    if sizes is not None:  # failed / dummy rows: the dummy prompt's image size
+        first = _first_size(batch, img_cfg)
+        sizes[~loaded] = first
+    return LoadedImages(px, loaded, errors, sizes)
+
+
+def _first_size(batch: Batch, img_cfg: AnyresProcessorConfig) -> tuple[int, int]:
+    """An image size whose anyres token count equals the batch's first item's (the dummy rows' prompt)."""
+    try:
+        hw = image_hw(batch.items[0].question)
+        if img_cfg.num_image_tokens(*hw) == batch.items[0].image_tokens:
+            return hw
+    except Exception:  # noqa: BLE001
+        pass
+    S = img_cfg.crop_size
+    for h, w in img_cfg.pinpoints_hw:  # a size of every pinpoint: no unpadding, the pinpoint's full count
+        if img_cfg.num_image_tokens(h, w) == batch.items[0].image_tokens:
+            return h, w
+    return S, S
 
 
 def build_rows(batch: Batch, rows: range, tokenizer: Any, image_token_index: int, tokens_per_image: int,
-               img_cfg: ImageProcessorConfig, image_size: int,
-               images: tuple[np.ndarray | None, np.ndarray, dict[str, str]] | None = None) -> Rows:
+               img_cfg: ImageProcessorConfig | AnyresProcessorConfig, image_size: int,
+               images: LoadedImages | None = None) -> Rows:
     """Tokenize and load the rows ``rows`` (global row indices) of ``batch``; failed / dummy rows become the
     batch's first prompt with a blank (zero = mean colour) image and ``ok=False``. ``images``: the result of
-    :func:`load_batch_images` if already loaded."""
+    :func:`load_batch_images` if already loaded. Each image is expanded to its item's placeholder count
+    (``tokens_per_image`` for fixed-size models)."""
     T = batch.length
     dummy = batch.items[0]
-    px, ok, errors = images if images is not None else load_batch_images(batch, rows, img_cfg, image_size)
+    if images is None:
+        images = load_batch_images(batch, rows, img_cfg, image_size)
+    px, ok, errors = images.pixel_values, images.loaded, images.errors
     ids = np.full((len(rows), T), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, np.int32)
     mask = np.zeros((len(rows), T), np.int32)
     for j, r in enumerate(rows):
         src = batch.items[r] if ok[j] else dummy
         if not ok[j] and px is not None:
             px[j] = 0.0
-        enc = tokenize_prompts(tokenizer, [src.prompt], image_token_index, tokens_per_image)["input_ids"][0]
+        k = src.image_tokens or tokens_per_image
+        enc = tokenize_prompts(tokenizer, [src.prompt], image_token_index, k)["input_ids"][0]
         if len(enc) != src.length:
             raise ConfigError(f"question {src.question.key!r}: {len(enc)} tokens after expanding {IMAGE_TOKEN!r}, "
                               f"{src.length} when planned: the tokenizer must treat {IMAGE_TOKEN!r} as one special "
                               "token")
         ids[j, T - len(enc):] = enc
         mask[j, T - len(enc):] = 1
-    return Rows(ids, mask, px, np.asarray(ok, bool), errors)
+    return Rows(ids, mask, px, np.asarray(ok, bool), errors, images.image_sizes)

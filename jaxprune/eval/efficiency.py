@@ -32,19 +32,21 @@ import jax
 from jaxprune.flops import kv_cache_bytes, prefill_cost
 
 
-def analytic(cfg: Any, reducer: Any, text_lengths: Sequence[int], max_new_tokens: int, itemsize: int
-             ) -> dict[str, Any]:
+def analytic(cfg: Any, reducer: Any, text_lengths: Sequence[int], max_new_tokens: int, itemsize: int,
+             images: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
     """Mean per-question analytic FLOPs, visual tokens and KV bytes over questions with one image each
-    (``text_lengths`` = prompt tokens other than image tokens)."""
+    (``text_lengths`` = prompt tokens other than image tokens; ``images`` = each question's (placeholder tokens,
+    crops), which LLaVA-NeXT's cost depends on)."""
     if not text_lengths:
         return {}
-    counts = Counter(int(t) for t in text_lengths)
+    images = list(images) if images is not None else [(None, None)] * len(text_lengths)
+    counts = Counter((int(t), k, c) for t, (k, c) in zip(text_lengths, images))
     n = sum(counts.values())
     acc: dict[str, float] = {"flops_vision": 0.0, "flops_projector": 0.0, "flops_llm_swiglu": 0.0,
                              "flops_llm_fastv_formula": 0.0, "flops_total_swiglu": 0.0, "kv_cache_bytes": 0.0}
     first = None
-    for t, c in counts.items():
-        cost = prefill_cost(cfg, reducer, text_tokens=t, images=1, batch=1)
+    for (t, k_img, crops), c in counts.items():
+        cost = prefill_cost(cfg, reducer, text_tokens=t, images=1, batch=1, image_tokens=k_img, crops=crops)
         first = first or cost
         w = c / n
         acc["flops_vision"] += w * cost.vision
@@ -57,8 +59,10 @@ def analytic(cfg: Any, reducer: Any, text_lengths: Sequence[int], max_new_tokens
     out["kv_cache_bytes"] = int(round(acc["kv_cache_bytes"]))
     out["visual_tokens"] = int(first.visual_tokens[0])                 # per image, entering the LLM
     out["visual_tokens_avg_layers"] = float(first.average_visual_tokens)  # averaged over decoder layers
-    out["visual_tokens_full"] = int(cfg.tokens_per_image)
-    out["mean_text_tokens"] = sum(t * c for t, c in counts.items()) / n
+    ks = [k for (_, k, _), c in counts.items() for _ in range(c) if k is not None]
+    out["visual_tokens_full"] = (int(round(sum(ks) / len(ks))) if ks and cfg.model_type != "llava"
+                                 else int(cfg.tokens_per_image))  # NeXT: the questions' mean HF count
+    out["mean_text_tokens"] = sum(key[0] * c for key, c in counts.items()) / n
     return out
 
 

@@ -75,8 +75,10 @@ def draw_overlays(ctx: Any, specs: Sequence[ReducerSpec], samples: Sequence[Ques
     from .runner import make_reducer
 
     model, cfg = ctx.model, ctx.model.cfg
-    P, grid, S = cfg.tokens_per_image, cfg.vision.grid, cfg.vision.image_size
-    items = [it for it in make_items(list(samples), ctx.tokenizer, P) if it.n_images]
+    from .runner import max_image_tokens
+
+    P, grid, S = max_image_tokens(ctx), cfg.vision.grid, cfg.vision.image_size
+    items = [it for it in make_items(list(samples), ctx.tokenizer, P, ctx.img_cfg) if it.n_images]
     if not items:
         return []
     batch = Batch(tuple(items), len(items), max(it.length for it in items), 1)
@@ -99,13 +101,15 @@ def draw_overlays(ctx: Any, specs: Sequence[ReducerSpec], samples: Sequence[Ques
             try:
                 reducer = make_reducer(spec, cfg)
                 kept, valid = kept_tokens(model, reducer, rows.input_ids[ok], rows.attention_mask[ok],
-                                          rows.pixel_values[ok])
+                                          rows.pixel_values[ok],
+                                          None if rows.image_sizes is None else rows.image_sizes[ok])
                 note = _in_llm(reducer)
             except Exception as e:  # noqa: BLE001 - one bad budget must not lose the other panels
                 kept, valid, note = None, None, f"failed: {e}"
             for j, r in enumerate(ok):
                 ax = axes[i][j]
-                ax.imshow(_denormalise(rows.pixel_values[r], ctx.img_cfg), extent=(0, S, S, 0))
+                base = rows.pixel_values[r] if rows.pixel_values.ndim == 4 else rows.pixel_values[r][0]  # NeXT: base crop
+                ax.imshow(_denormalise(base, ctx.img_cfg), extent=(0, S, S, 0))
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if kept is None:

@@ -74,24 +74,9 @@ class Context:
     @classmethod
     def create(cls, model: Any, tokenizer: Any, model_id: str, *, num_devices: int | None = None,
                image_mode: str = "pad", model_dir: str | Path | None = None) -> Context:
-        from jaxprune.processing import ImageProcessorConfig
-
         cfg = model.cfg
-        if cfg.model_type != "llava":
-            raise ConfigError(f"model {model_id!r} is {cfg.model_type}: the eval harness runs LLaVA-1.5-style models "
-                              "(one 'pad'-processed image per question); anyres (LLaVA-NeXT) input is not wired yet")
         check_tokenizer(tokenizer, cfg.image_token_index)
-        img_cfg = None
-        pp = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
-        if pp is not None and pp.is_file():
-            try:
-                img_cfg = ImageProcessorConfig.from_hf_preprocessor_config(json.loads(pp.read_text()),
-                                                                           mode=image_mode)
-            except (ValueError, json.JSONDecodeError) as e:
-                raise ConfigError(f"{pp}: {e}") from None
-        if img_cfg is None or img_cfg.image_size != cfg.vision.image_size:
-            s = cfg.vision.image_size
-            img_cfg = ImageProcessorConfig(image_size=s, shortest_edge=s, mode=image_mode)
+        img_cfg = image_processor(cfg, model_dir, image_mode)
         eos = tuple(cfg.text.eos_token_id or ())
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos = eos + (int(tokenizer.eos_token_id),)
@@ -197,7 +182,7 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
     run_dir = Path(run_dir)
     main = dist.is_main()
     cfg = ctx.model.cfg
-    P = cfg.tokens_per_image
+    P = max_image_tokens(ctx)
     reducer = make_reducer(spec, cfg)
     max_new = opts.max_new_tokens or default_max_new_tokens(bench.name)
     n_dev = ctx.mesh.size
@@ -208,7 +193,7 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
     fingerprint = {"model_id": ctx.model_id, "benchmark": bench.name, "reducer": spec.label,
                    "reducer_spec": repr(reducer), "max_new_tokens": max_new, "prompt": PROMPT_FORMAT,
                    "dtype": ctx.dtype, "image_mode": ctx.image_mode}
-    items = make_items(questions, ctx.tokenizer, P)
+    items = make_items(questions, ctx.tokenizer, P, ctx.img_cfg)
     answers = AnswerFile(run_dir / "answers.jsonl")
 
     # ---- resume state (process 0 reads, everyone receives)
@@ -323,6 +308,49 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
     return RunResult(bench.name, spec, run_dir, record)
 
 
+def image_processor(cfg: Any, model_dir: str | Path | None, image_mode: str = "pad") -> Any:
+    """The image preprocessing of the model's family, from its ``preprocessor_config.json`` when present:
+    LLaVA-1.5 -> :class:`~jaxprune.processing.ImageProcessorConfig` (``image_mode`` pad | crop); LLaVA-NeXT ->
+    :class:`~jaxprune.processing_anyres.AnyresProcessorConfig` (anyres; its pinpoints must be the model's)."""
+    from jaxprune.processing import ImageProcessorConfig
+    from jaxprune.processing_anyres import AnyresProcessorConfig
+
+    pp = Path(model_dir) / "preprocessor_config.json" if model_dir is not None else None
+    d = None
+    if pp is not None and pp.is_file():
+        try:
+            d = json.loads(pp.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{pp}: {e}") from None
+    s = cfg.vision.image_size
+    if cfg.model_type == "llava_next":
+        try:
+            img_cfg = (AnyresProcessorConfig.from_hf_preprocessor_config(d, patch_size=cfg.vision.patch_size)
+                       if d is not None else AnyresProcessorConfig.from_model_config(cfg))
+        except ValueError as e:
+            raise ConfigError(f"{pp}: {e}") from None
+        if img_cfg.crop_size != s or tuple(map(tuple, img_cfg.pinpoints_hw)) != tuple(map(tuple, cfg.image_grid_pinpoints)):
+            raise ConfigError(f"{pp}: the processor's crop size / image_grid_pinpoints ({img_cfg.crop_size}, "
+                              f"{img_cfg.pinpoints_hw}) differ from the model config's ({s}, {cfg.image_grid_pinpoints})")
+        return img_cfg
+    if cfg.model_type != "llava":
+        raise ConfigError(f"the eval harness has no image preprocessing for model_type={cfg.model_type!r}")
+    img_cfg = None
+    if d is not None:
+        try:
+            img_cfg = ImageProcessorConfig.from_hf_preprocessor_config(d, mode=image_mode)
+        except ValueError as e:
+            raise ConfigError(f"{pp}: {e}") from None
+    if img_cfg is None or img_cfg.image_size != s:
+        img_cfg = ImageProcessorConfig(image_size=s, shortest_edge=s, mode=image_mode)
+    return img_cfg
+
+
+def max_image_tokens(ctx: Any) -> int:
+    """Placeholder tokens of the largest image the model takes (LLaVA-1.5: every image's count)."""
+    return getattr(ctx.img_cfg, "max_tokens", ctx.model.cfg.tokens_per_image)
+
+
 def _prepare(engine: Engine, rows: Any, B: int, where: str) -> Any:
     """``engine.prepare`` with the model's input / budget errors turned into :class:`ItemError`."""
     from jaxprune.inputs import InputError
@@ -337,12 +365,13 @@ def _prepare(engine: Engine, rows: Any, B: int, where: str) -> Any:
 def _measure(ctx: Context, engine: Engine, reducer: Any, batches: list[Batch], items, my_rows: range,
              max_new: int, opts: RunOptions) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     cfg = ctx.model.cfg
-    P = cfg.tokens_per_image
+    P = max_image_tokens(ctx)
     img_batches = [b for b in batches if b.n_images] or batches
     out: dict[str, Any] = {}
     itemsize = int(np.dtype(ctx.model.dtype).itemsize)
-    out.update(eff.analytic(cfg, reducer, [it.length - P * it.n_images for it in items if it.n_images],
-                            max_new, itemsize))
+    out.update(eff.analytic(cfg, reducer, [it.length - it.image_tokens for it in items if it.n_images],
+                            max_new, itemsize,
+                            images=[(it.image_tokens, it.image_crops) for it in items if it.n_images]))
     if img_batches:
         batch = img_batches[len(img_batches) // 2]
         rows = build_rows(batch, my_rows, ctx.tokenizer, cfg.image_token_index, P, ctx.img_cfg,

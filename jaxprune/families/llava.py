@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.engine.vision import clip_segment, cls_attention
+from jaxprune.models.tower import clip_segment, cls_attention
 from jaxprune.families.base import TextToImage, VisualInputs, register
 from jaxprune.inputs import InputError, check_pixels
 from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext

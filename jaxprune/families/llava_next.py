@@ -80,14 +80,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxprune.engine.vision import clip_segment, cls_attention
+from jaxprune.models.tower import clip_segment, cls_attention
 from jaxprune.families.base import TextToImage, VisualInputs, register
 from jaxprune.inputs import InputError, as_numpy, check_pixels
 from jaxprune.models.anyres import AnyresGeometry, build_layout
