@@ -94,7 +94,7 @@ from jaxprune.reducers._core import strided_grid_indices
 from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
 from jaxprune.reducers.compose import Compose, compose
-from jaxprune.reducers.registry import final_keeps, register
+from jaxprune.reducers.registry import final_keeps, register, visual_tokens
 
 _MODES = ("raster", "grid")
 _POSITIONS = ("keep", "renumber")
@@ -379,13 +379,19 @@ def adsc_schedule(average: float, num_layers: int = 32, total: int = 576, mode: 
     return adsc(ls, ks, mode=mode, grid=g, positions=positions)
 
 
-register("adsc", lambda b, c: adsc_schedule(b, num_layers=c.text.num_hidden_layers, total=c.tokens_per_image))
-register("adsc_grid", lambda b, c: adsc_schedule(b, num_layers=c.text.num_hidden_layers, total=c.tokens_per_image,
-                                                  mode="grid"))
+register("adsc", lambda b, c: adsc_schedule(b, num_layers=c.text.num_hidden_layers, total=visual_tokens(c)))
+@register("adsc_grid")
+def _adsc_grid(budget: int, cfg) -> Compose:
+    """ADSC's 2-D stride on the patch grid: needs one square grid per image (LLaVA-1.5). A LLaVA-NeXT image is a
+    packed base crop + unpadded tile grid + newlines, which has no single grid: refused (use ``adsc``)."""
+    if getattr(cfg, "model_type", "llava") != "llava":
+        raise BudgetError(f"adsc_grid strides a square per-image patch grid; {cfg.model_type} images are packed "
+                          "anyres sequences with no single grid: use 'adsc' (raster stride) on this family")
+    return adsc_schedule(budget, num_layers=cfg.text.num_hidden_layers, total=visual_tokens(cfg), mode="grid")
 
 
 @register("adsc_final")
 def _adsc_final(budget: int, cfg) -> Compose:
     """``budget`` = visual tokens left after the last cut (``registry.final_keeps``), default layers."""
     layers = default_layers(cfg.text.num_hidden_layers)
-    return adsc(*drop_noops(layers, final_keeps(budget, cfg.tokens_per_image, len(layers)), cfg.tokens_per_image))
+    return adsc(*drop_noops(layers, final_keeps(budget, visual_tokens(cfg), len(layers)), visual_tokens(cfg)))

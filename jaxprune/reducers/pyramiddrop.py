@@ -82,7 +82,7 @@ from jaxprune.reducers._core import select_topk
 from jaxprune.reducers.base import BudgetError, check_budget
 from jaxprune.reducers.llm import LLMContext, LLMReduced, LLMReducerBase, check_layer
 from jaxprune.reducers.compose import Compose, compose
-from jaxprune.reducers.registry import final_keeps, register
+from jaxprune.reducers.registry import final_keeps, register, visual_tokens
 
 __all__ = ["PyramidDropCut", "average_visual_tokens", "pyramiddrop", "pyramiddrop_for_average", "scale_layers"]
 
@@ -234,7 +234,7 @@ def pyramiddrop_for_average(budget: int, num_layers: int = 32, total: int = 576,
 
 pyramiddrop.for_average = pyramiddrop_for_average  # type: ignore[attr-defined]
 register("pyramiddrop", lambda b, c: pyramiddrop_for_average(b, num_layers=c.text.num_hidden_layers,
-                                                             total=c.tokens_per_image))
+                                                             total=visual_tokens(c)))
 
 
 @register("pyramiddrop_final")
@@ -243,5 +243,5 @@ def _pyramiddrop_final(budget: int, cfg) -> Compose:
     from jaxprune.reducers.adsc import drop_noops
 
     layers = scale_layers(AVERAGE_LAYERS, cfg.text.num_hidden_layers)
-    layers, keeps = drop_noops(layers, final_keeps(budget, cfg.tokens_per_image, len(layers)), cfg.tokens_per_image)
+    layers, keeps = drop_noops(layers, final_keeps(budget, visual_tokens(cfg), len(layers)), visual_tokens(cfg))
     return compose(*(PyramidDropCut(layer=l, keep=k) for l, k in zip(layers, keeps)))

@@ -71,6 +71,17 @@ def make(name: str, budget: int, cfg):
     return _FACTORIES[name](budget, cfg)
 
 
+def visual_tokens(cfg) -> int:
+    """The unreduced visual tokens of one image that a budget counts against: LLaVA-1.5's ``tokens_per_image``
+    (576); LLaVA-NeXT's packed maximum incl. newlines (2928 for llava-v1.6: the in-LLM pool of
+    :func:`jaxprune.families.llava_next.visual_pool`). Totals of the average / final-budget schedules use it."""
+    if getattr(cfg, "model_type", "llava") == "llava_next":
+        from jaxprune.models.anyres import AnyresGeometry
+
+        return AnyresGeometry.from_config(cfg).max_tokens
+    return cfg.tokens_per_image
+
+
 def final_keeps(budget: int, total: int, cuts: int) -> tuple[int, ...]:
     """Non-increasing counts after ``cuts`` cuts, geometric from ``total`` and ending exactly at ``budget``:
     ``round(total * (budget / total) ** (s / cuts))`` for ``s = 1..cuts`` (never below ``budget``)."""
