@@ -11,8 +11,8 @@ For each variant (``fusion`` in rrf/borda/minmax, ``source`` in shallow (K=2 dec
 * fidelity proxy: KL(p_full || p_pruned) and top-1 agreement of the next-token distribution at the
   last prompt position against the unpruned model.
 
-The stages are run with the engine's own building blocks (``jaxprune.engine.vision`` / ``.sequence`` /
-``.decoder``), so every compile is shared: the context
+The stages are run with the engine's own building blocks (``jaxprune.models.tower``, ``jaxprune.engine.vision``
+/ ``.sequence`` / ``.decoder``), so every compile is shared: the context
 (vision tower + projector + shallow text->image attention) once, the LLM once per budget, the
 reducer once per variant. One variant per source is checked against ``model(..., reducer=r)``.
 Weights are random: the fidelity numbers measure how much a selection perturbs the network's
@@ -46,8 +46,9 @@ from experiments.bench_common import (
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 from jaxprune.engine import decoder as gen
 from jaxprune.engine.sequence import place_spans
-from jaxprune.engine.vision import clip_segment, cls_attention, text_to_image
+from jaxprune.engine.vision import text_to_image
 from jaxprune.model import Llava
+from jaxprune.models.tower import clip_segment, cls_attention
 from jaxprune.reducers import gather, select_topk
 from jaxprune.reducers.base import ProjectorContext
 from jaxprune.reducers.consensusdrop import (

@@ -48,13 +48,13 @@ whose cuDNN program fails to compile is retried with XLA (recorded). CPU keeps t
 Robustness: each side runs in its own subprocess per model (jaxprune, then transformers at the lengths
 jaxprune ran): the frameworks never share device memory, and a crash (OOM) loses one row (rows are appended
 to JSON-lines files; a crashed worker restarts on the rows left). Every row catches its own error; the report
-(``.md`` + ``.json``) is rewritten after every phase. ``--inprocess`` runs both sides in this process (CPU, tests). Files: this one (configs, peaks,
-orchestration), ``bench_gpu_jax.py`` (jaxprune worker), ``bench_gpu_torch.py`` (transformers worker),
+(``.md`` + ``.json``) is rewritten after every phase. ``--inprocess`` runs both sides in this process (CPU, tests). Files: this one (orchestration),
+``bench_gpu_setup.py`` (configs, peaks, prompt geometry), ``bench_gpu_jax.py`` (jaxprune worker), ``bench_gpu_torch.py`` (transformers worker),
 ``bench_gpu_report.py`` (derived figures, targets, markdown). The full GPU run is compile-bound (one prefill
 and up to two decode programs per row, 76 rows): budget an hour or two; ``--model`` / ``--batch`` /
 ``--reducers`` split it.
 
-CPU figures (built without a GPU): ``--size reduced`` (:func:`reduced_config`, 576 visual tokens) ->
+CPU figures (built without a GPU): ``--size reduced`` (:func:`~experiments.bench_gpu_setup.reduced_config`, 576 visual tokens) ->
 ``experiments/results/gpu_cpu_reduced.md``, indicative only (shared machine). ``--tiny``: the smoke test.
 
     python -m experiments.bench_gpu [--model llava15|next|both] [--batch 1 16] [--budgets 192 128 64]
@@ -66,10 +66,8 @@ CPU figures (built without a GPU): ``--size reduced`` (:func:`reduced_config`, 5
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -78,79 +76,18 @@ import traceback
 from pathlib import Path
 
 from experiments.bench_common import git_rev, machine
-from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
+from experiments.bench_gpu_setup import (PEAKS, PINPOINTS, PREFIX, QUESTION, device_peaks,  # noqa: F401 (re-exported)
+                                         llava15_7b, model_config, reduced_config, tiny_config)
+from jaxprune.config import LlavaConfig
 
 REDUCERS = ("visionzip", "visiondrop", "consensusdrop", "adafv", "adsc", "fastv")
 BUDGETS = {"llava15": (192, 128, 64), "next": (640, 320, 160)}
 FULL_TOKENS = {"llava15": 576, "next": 2880}  # the papers' "full" conventions the budgets are quoted against
-PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-PREFIX, QUESTION = 35, 40
 ROOT = Path(__file__).resolve().parents[1]
-
-# bf16 dense (no sparsity) tensor-core peak FLOP/s and HBM bandwidth (bytes/s), from NVIDIA's datasheets:
-# H100 (SXM5 989.4 TFLOPS / 3.35 TB/s; PCIe 756 / 2.0; NVL 835 / 3.9: "H100 Tensor Core GPU" datasheet, the
-# sparsity figures halved), H200 (SXM 989 / 4.8; NVL 835 / 4.8: "H200 Tensor Core GPU" datasheet), A100
-# (312 TFLOPS; 80GB SXM 2.039 TB/s, 80GB PCIe 1.935, 40GB 1.555: "A100 Tensor Core GPU" datasheet).
-# Rows: (slug, substrings that must all occur in the lower-cased device_kind, FLOP/s, bytes/s); first match wins.
-PEAKS = (
-    ("h100_nvl", ("h100", "nvl"), 835e12, 3.9e12),
-    ("h100_pcie", ("h100", "pcie"), 756e12, 2.0e12),
-    ("h100_sxm", ("h100",), 989.4e12, 3.35e12),
-    ("h200_nvl", ("h200", "nvl"), 835e12, 4.8e12),
-    ("h200_sxm", ("h200",), 989.4e12, 4.8e12),
-    ("a100_pcie_80gb", ("a100", "pcie", "80"), 312e12, 1.935e12),
-    ("a100_sxm_80gb", ("a100", "80"), 312e12, 2.039e12),
-    ("a100_40gb", ("a100",), 312e12, 1.555e12),
-)
-
-
-def device_peaks(platform: str, kind: str) -> dict:
-    """``{slug, peak_flops, peak_bw}`` for a device (``None`` peaks when unknown, e.g. CPU)."""
-    k = kind.lower()
-    if platform == "gpu" or "nvidia" in k:
-        for slug, keys, fl, bw in PEAKS:
-            if all(s in k for s in keys):
-                return {"slug": slug, "peak_flops": fl, "peak_bw": bw}
-    slug = "cpu" if platform == "cpu" else (re.sub(r"[^a-z0-9]+", "_", k).strip("_") or "unknown")
-    return {"slug": slug, "peak_flops": None, "peak_bw": None}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Configs
-def llava15_7b() -> LlavaConfig:
-    """llava-hf/llava-1.5-7b-hf shapes: CLIP-L/14-336 (24 x 1024, 16 heads, 4096 MLP), Vicuna-7B (32 x 4096, 32
-    heads, 11008 MLP, vocab 32064), feature layer -2, 'default' selection -> 576 visual tokens."""
-    return LlavaConfig(vision=VisionConfig(), text=TextConfig(pad_token_id=0), image_token_index=32000)
-
-
-def reduced_config() -> LlavaConfig:
-    """CPU stand-in with LLaVA-1.5's token geometry: 336 px / patch 14 -> 576 visual tokens; CLIP 4 x 512
-    (8 heads, MLP 2048), Llama 8 x 512 (8 heads of 64, MLP 1376), vocab 32064. About 1/100 of 7B's FLOPs."""
-    return LlavaConfig(vision=VisionConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-                                           num_attention_heads=8),
-                       text=TextConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                                       num_attention_heads=8, num_key_value_heads=8, head_dim=64, pad_token_id=0),
-                       image_token_index=32000)
-
-
-def tiny_config() -> LlavaConfig:
-    """Smoke test: 42 px / patch 7 -> 36 visual tokens, 4 decoder layers (FastV at 2 and multi-cut schedules)."""
-    return LlavaConfig(vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=42, patch_size=7),
-                       text=TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                       num_attention_heads=4, num_key_value_heads=4, head_dim=8, pad_token_id=0),
-                       image_token_index=299)
-
-
-def model_config(model: str, size: str) -> LlavaConfig:
-    base = {"full": llava15_7b, "reduced": reduced_config, "tiny": tiny_config}[size]()
-    if model == "llava15":
-        return base
-    S = base.vision.image_size
-    pins = PINPOINTS if S == 336 else tuple((S * (a // 336), S * (b // 336)) for a, b in PINPOINTS)
-    return dataclasses.replace(base, model_type="llava_next", image_grid_pinpoints=pins)
-
-
+# Configs and peaks: experiments.bench_gpu_setup (shared with the jaxprune worker)
 def scaled_budgets(model: str, cfg: LlavaConfig, budgets) -> list[int]:
     """Budgets quoted against the 7B geometry (576 / 2880), moved to ``cfg``'s token count (identity at 336 px)."""
     full = cfg.tokens_per_image * (1 if model == "llava15" else 5)

@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 
 from experiments.bench_common import timeit_paired
-from experiments.bench_gpu import PREFIX, QUESTION, device_peaks, model_config
+from experiments.bench_gpu_setup import PREFIX, QUESTION, device_peaks, model_config
 from jaxprune.config import LlavaConfig
 
 
