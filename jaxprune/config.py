@@ -264,6 +264,17 @@ class LlavaConfig:
         """Visual tokens one 1.5-style image contributes (576 for CLIP-L/14-336 with 'default')."""
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
+    @property
+    def max_image_tokens(self) -> int:
+        """Placeholder tokens of the largest image: ``tokens_per_image`` (llava); the packed anyres maximum incl.
+        newlines (llava_next: 2928 for llava-v1.6's pinpoints at 336/14)."""
+        if self.model_type != "llava_next":
+            return self.tokens_per_image
+        from jaxprune.processing_anyres import check_pinpoints, max_image_tokens
+
+        S = self.vision.image_size
+        return max_image_tokens(check_pinpoints(self.image_grid_pinpoints, S), S, self.vision.patch_size)
+
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "LlavaConfig":
         mt = d.get("model_type")

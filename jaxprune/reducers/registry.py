@@ -75,11 +75,7 @@ def visual_tokens(cfg) -> int:
     """The unreduced visual tokens of one image that a budget counts against: LLaVA-1.5's ``tokens_per_image``
     (576); LLaVA-NeXT's packed maximum incl. newlines (2928 for llava-v1.6: the in-LLM pool of
     :func:`jaxprune.families.llava_next.visual_pool`). Totals of the average / final-budget schedules use it."""
-    if getattr(cfg, "model_type", "llava") == "llava_next":
-        from jaxprune.models.anyres import AnyresGeometry
-
-        return AnyresGeometry.from_config(cfg).max_tokens
-    return cfg.tokens_per_image
+    return cfg.max_image_tokens
 
 
 def final_keeps(budget: int, total: int, cuts: int) -> tuple[int, ...]:
