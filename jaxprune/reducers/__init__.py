@@ -29,10 +29,6 @@ _FRAMEWORK = ["BudgetError", "Compose", "LLMContext", "LLMReduced", "NextOptions
               "VisionContext", "compose", "next_options",
               "complement_indices", "cosine_similarity", "gather", "merge_into", "select_topk", "uniform_indices"]
 
-# Engine code that still lives in this package (being moved out): the model imports it lazily; importing it
-# here would pull the model into every ``import jaxprune.reducers``. Names that no longer exist are ignored.
-_NOT_DISCOVERED = frozenset({"plan", "plan_next"})
-
 
 def _discover() -> list[str]:
     """Import every public module of the package (sorted by name), then re-export each one's ``__all__``.
@@ -41,7 +37,7 @@ def _discover() -> list[str]:
     shadowing another method's name would otherwise go unnoticed)."""
     mods = [importlib.import_module(f"{__name__}.{info.name}")
             for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name)
-            if not info.name.startswith("_") and info.name not in _NOT_DISCOVERED]
+            if not info.name.startswith("_")]
     # second pass: importing a submodule binds its name on the package (``reducers.visionzip`` = the module),
     # so the exported functions of the same name are bound only after every import is done
     exported: dict[str, str] = {n: __name__ for n in _FRAMEWORK}
