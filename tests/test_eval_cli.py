@@ -137,18 +137,26 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     assert type(runner._progress(10, "x/full", False)).__name__ == "_NoBar"
 
 
-def test_transformers_no_torch_advice_is_dropped(caplog):
+def test_transformers_no_torch_advice_is_dropped():
     from jaxprune.eval._hf import quiet_transformers
 
     quiet_transformers()
     quiet_transformers()
     log = logging.getLogger("transformers")
     assert sum(type(f).__name__ == "_DropNoTorchAdvice" for f in log.filters) == 1
-    with caplog.at_level(logging.WARNING, logger="transformers"):
+    # a handler on the logger itself: transformers, once imported (by another test in this worker), stops its
+    # logger from propagating to the root logger that caplog listens on
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = seen.append
+    log.addHandler(handler)
+    try:
         log.warning("PyTorch was not found. Models won't be available and only tokenizers, configuration and "
                     "file/data utilities can be used.")
         log.warning("another transformers warning")
-    assert [r.getMessage() for r in caplog.records] == ["another transformers warning"]
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["another transformers warning"]
 
 
 def test_piped_run_prints_status_lines_not_bars(tmp_path_factory):
