@@ -128,9 +128,18 @@ class CLIPVision(nnx.Module):
         h = self.embed(pixels)
         out: dict[int, VisionTap] = {}
         for i in range(num_layers):
-            h, q, k = self.layers[i](h)
+            h, q, k = self.run(h, i, i + 1)
             if (i + 1) in taps:
                 valid = jnp.ones(k.shape[:2], bool)
                 cls_attn = attention_rows(q[:, :1], k, valid)[:, :, 0, :]  # [B, heads, 1+N]
                 out[i + 1] = VisionTap(hidden=h, cls_attn=cls_attn, keys=k)
         return h, out
+
+    def run(self, h: jax.Array, start: int, stop: int, valid: jax.Array | None = None):
+        """Encoder layers ``[start, stop)`` on ``h [B, S, D]`` (key mask ``valid [B, S]``; None: every token):
+        the one layer loop of the tower. Returns ``(h, q, k)`` with the last layer's queries / keys."""
+        mask = None if valid is None else valid[:, None, None, :]
+        q = k = None
+        for i in range(start, stop):
+            h, q, k = self.layers[i](h, mask)
+        return h, q, k

@@ -17,11 +17,7 @@ def clip_segment(m: LlavaModule, h: jax.Array, valid: jax.Array | None, start: i
     """CLIP layers ``[start, stop)`` on ``h [N, S, D]`` with key mask ``valid [N, S]`` (None: every token).
 
     Returns ``(h, q, k)``: the hidden states and the last layer's queries / keys ``[N, S, heads, hd]``."""
-    mask = None if valid is None else valid[:, None, None, :]
-    q = k = None
-    for i in range(start, stop):
-        h, q, k = m.vision.layers[i](h, mask)
-    return h, q, k
+    return m.vision.run(h, start, stop, valid)
 
 
 def cls_attention(q: jax.Array, k: jax.Array, valid: jax.Array | None) -> jax.Array:
