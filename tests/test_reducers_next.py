@@ -137,7 +137,7 @@ def check_pre_llm(out, lay, n_text, spec, st):
             assert kept_nl <= rows_hit
             if st.mode != "vision":
                 assert kept_nl == rows_hit
-        if st.mode == "vision":  # the official VisionZip NeXT order (plan_next docstring)
+        if st.mode == "vision":  # the official VisionZip NeXT order (families/llava_next docstring)
             _check_vision_order(k, int(lay.num_crops[n]))
         else:  # packed (HF) order, AdaFV duplicates adjacent
             assert (np.diff(sp) >= 0).all()

@@ -1,4 +1,6 @@
-"""Reducers on LLaVA-NeXT (anyres) inputs: per-crop CLIP, packing of reduced crops, newline policy, static shapes.
+"""The LLaVA-NeXT family (``model_type="llava_next"``): anyres inputs, per-crop CLIP, packing of (reduced) crops,
+newline policy, static shapes. The engine (:mod:`jaxprune.engine`) calls :class:`LlavaNextFamily`; the unreduced
+model is the ``mode="none"`` layout placed in HF's layout.
 
 A NeXT image is ``1 + gh*gw`` crops (base + tiles, at most ``C``, 5 for llava-v1.6) of ``P`` patches each (576);
 HF packs them as ``[base P] + [unpadded tile grid, row-major, image_newline after each row]`` (up to ``M`` =
