@@ -54,13 +54,20 @@ def route_attention(impl: str | None) -> None:
     base = A.attention
     _ATTN["impl"] = impl
 
-    def routed(q, k, v, mask, implementation=None):
+    def routed(q, k, v, mask, implementation=None, causal=False):
         want = implementation or _ATTN["impl"]
         if want is None:
-            return base(q, k, v, mask)
-        try:
-            return base(q, k, v, mask, want)
+            return base(q, k, v, mask, causal=causal)
+        try:  # causal (a prefill): cuDNN skips the blocks above the diagonal; the mask already hides them
+            return base(q, k, v, mask, want, causal=causal)
         except (NotImplementedError, ValueError, RuntimeError):
+            if causal:
+                try:  # a cuDNN that refuses bias + causal: the same call without the causal hint
+                    out = base(q, k, v, mask, want)
+                    _ATTN["causal_refused"] = _ATTN.get("causal_refused", 0) + 1
+                    return out
+                except (NotImplementedError, ValueError, RuntimeError):
+                    pass
             _ATTN["fallbacks"] += 1
             return base(q, k, v, mask, "xla")
 

@@ -40,24 +40,59 @@ def causal_mask(q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array) -> jax
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-              implementation: str | None = None) -> jax.Array:
-    """Scaled-dot-product attention. ``q [B,T,N,H]``, ``k/v [B,S,K,H]``, mask ``[B,1,T,S]``.
+              implementation: str | None = None, causal: bool = False) -> jax.Array:
+    """Scaled-dot-product attention. ``q [B,T,N,H]``, ``k/v [B,S,K,H]``, mask ``[B,1,T,S]`` or ``[B,1,1,S]``.
 
-    GPU/TPU: ``jax.nn.dot_product_attention`` (``implementation`` passed through; ``None`` lets
-    XLA pick, ``'cudnn'`` forces flash). CPU: :func:`_attention_cpu`, the same math scheduled so
-    XLA:CPU runs it ~2.3x faster (measured at T=672, 8 heads). Softmax is fp32 everywhere; fully
-    masked rows give finite, ignored output.
+    ``causal``: a promise that ``mask`` already hides every key slot after the query's slot (``T == S``, slot
+    order; what :func:`causal_mask` builds for a prefill). It changes no result: it lets an implementation skip
+    the key blocks above the diagonal (the CPU path below; cuDNN's causal mode on GPU).
+
+    GPU/TPU: ``jax.nn.dot_product_attention`` (``implementation`` passed through; ``None`` lets XLA pick,
+    ``'cudnn'`` forces flash). CPU: :func:`attention_cpu`. Softmax is fp32 everywhere; fully masked rows give
+    finite, ignored output.
     """
     if implementation is None and jax.default_backend() == "cpu":
-        return _attention_cpu(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+        return attention_cpu(q, k, v, mask, causal)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation,
+                                        is_causal=causal and q.shape[1] == k.shape[1])
 
 
-def _attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Plain einsum attention with optimisation barriers around the softmax.
+#: CPU block sizes: query rows per block, key slots per block of the online-softmax loop, and the sizes
+#: above which each schedule is used (measured on 2 Xeon / EPYC cores, 8 heads of 64, fp32: see
+#: ``experiments/results/attention_cpu.md``).
+CPU_Q_BLOCK, CPU_K_BLOCK, CPU_BLOCKED_MIN_T, CPU_LOOP_MIN_TS = 128, 256, 256, 1024 * 1024
 
-    XLA:CPU otherwise fuses the mask/softmax into the matmul consumers as scalar loops (measured
-    19 ms vs 8 ms per layer at T=672); the barriers keep the two matmuls as library GEMMs.
+
+def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool = False
+                  ) -> jax.Array:
+    """Attention scheduled for XLA:CPU, chosen by the static shapes:
+
+    * ``T < CPU_BLOCKED_MIN_T`` (decode steps, short prompts): one einsum pass (:func:`_dense_cpu`);
+    * ``T * S <= CPU_LOOP_MIN_TS`` (a 576-token image + prompt): static query blocks of ``CPU_Q_BLOCK`` rows,
+      each a head-major einsum + softmax over the keys it can see (with ``causal``: keys up to the block's last
+      row, half the work of the full square) (:func:`_qblocks_cpu`);
+    * longer (LLaVA-NeXT's 3008-token prefill): flash attention, a loop over query blocks with an online
+      softmax over key blocks (causal: only the blocks on or below the diagonal), so the ``T x S`` scores are
+      never materialised (:func:`_flash_cpu`).
+
+    Why: XLA:CPU materialises the whole ``[B, heads, T, S]`` fp32 score tensor of a one-pass attention (290 MB
+    per layer at T = 3008) and runs the ``p @ v`` einsum in a batch-minor layout at ~20 GFLOP/s; at T = 3008 that
+    took 1.4 s per layer against 0.11 s for PyTorch's SDPA (flash, causal) on the same two cores, the cause of
+    the 8x-21x full-model rows of ``bench_gpu``'s CPU stand-in (issue 19)."""
+    T, S = q.shape[1], k.shape[1]
+    causal = causal and T == S
+    if T < CPU_BLOCKED_MIN_T:
+        return _dense_cpu(q, k, v, mask)
+    if T * S <= CPU_LOOP_MIN_TS:
+        return _qblocks_cpu(q, k, v, mask, causal, CPU_Q_BLOCK)
+    return _flash_cpu(q, k, v, mask, causal, CPU_Q_BLOCK * 2, CPU_K_BLOCK)
+
+
+def _dense_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Plain einsum attention with optimisation barriers around the softmax (decode steps, short sequences).
+
+    XLA:CPU otherwise fuses the mask/softmax into the matmul consumers as scalar loops; the barriers keep the
+    two matmuls as library GEMMs.
     """
     B, T, N, H = q.shape
     K = k.shape[2]
@@ -65,12 +100,96 @@ def _attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
     s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
     s = jax.lax.optimization_barrier(s * (1.0 / float(H) ** 0.5))
     if mask is not None:
-        m = mask.reshape(mask.shape[0], 1, 1, mask.shape[-2], mask.shape[-1]) if mask.shape[1] == 1 else \
-            mask.reshape(mask.shape[0], K, N // K, mask.shape[-2], mask.shape[-1])
-        s = jnp.where(m, s, jnp.finfo(jnp.float32).min)
+        s = jnp.where(_mask5(mask, K, N // K), s, _NEG)
     p = jax.lax.optimization_barrier(jax.nn.softmax(s, axis=-1).astype(v.dtype))
     o = jnp.einsum("bkgts,bskh->btkgh", p, v)
     return o.reshape(B, T, N, H)
+
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _mask5(mask: jax.Array, K: int, G: int) -> jax.Array:
+    """``[B, 1|N, 1|T, S]`` -> broadcastable ``[B, 1|K, 1|G, 1|T, S]``."""
+    B, mh, mt, S = mask.shape
+    return mask.reshape(B, 1, 1, mt, S) if mh == 1 else mask.reshape(B, K, G, mt, S)
+
+
+def _head_major(q, k, v):
+    """``q [B,T,N,H]`` -> ``[B,K,G,T,H]`` scaled by 1/sqrt(H); ``k, v [B,S,K,H]`` -> ``[B,K,S,H]``."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qh = (q * jnp.asarray(1.0 / float(H) ** 0.5, q.dtype)).reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _from_head_major(o: jax.Array, dtype) -> jax.Array:
+    """``[B,K,G,T,H]`` -> ``[B,T,K*G,H]``."""
+    B, K, G, T, H = o.shape
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H).astype(dtype)
+
+
+def _qblocks_cpu(q, k, v, mask, causal: bool, bq: int) -> jax.Array:
+    """Static query blocks; each one softmax over the keys it may see (causal: ``[0, block end)``)."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    qh, kh, vh = _head_major(q, k, v)
+    m5 = None if mask is None else _mask5(mask, K, G)
+    outs = []
+    for s0 in range(0, T, bq):
+        s1 = min(T, s0 + bq)
+        e = s1 if causal else S
+        sc = jnp.einsum("bkgth,bksh->bkgts", qh[:, :, :, s0:s1], kh[:, :, :e], preferred_element_type=jnp.float32)
+        if m5 is not None:
+            sc = jnp.where(m5[..., s0:s1, :e] if m5.shape[3] > 1 else m5[..., :e], sc, _NEG)
+        p = jax.nn.softmax(sc, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bksh->bkgth", p, vh[:, :, :e]))
+    return _from_head_major(jnp.concatenate(outs, axis=3), q.dtype)
+
+
+def _flash_cpu(q, k, v, mask, causal: bool, bq: int, bk: int) -> jax.Array:
+    """Flash attention: ``lax.map`` over query blocks, ``fori_loop`` over key blocks with an online softmax
+    (running max / sum in fp32); causal: only key blocks that start at or before the query block's last row."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    nq, nk = -(-T // bq), -(-S // bk)
+    Tp, Sp = nq * bq, nk * bk
+    qh, kh, vh = _head_major(q, k, v)
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, 0), (0, Tp - T), (0, 0)))
+    kh = jnp.pad(kh, ((0, 0), (0, 0), (0, Sp - S), (0, 0)))
+    vh = jnp.pad(vh, ((0, 0), (0, 0), (0, Sp - S), (0, 0)))
+    if mask is None:
+        mask = jnp.ones((B, 1, 1, S), bool)
+    per_q = mask.shape[2] > 1
+    mp = _mask5(jnp.pad(mask, ((0, 0), (0, 0), (0, Tp - T if per_q else 0), (0, Sp - S))), K, G)  # pad = hidden
+
+    def q_block(i):
+        qb = jax.lax.dynamic_slice_in_dim(qh, i * bq, bq, axis=3)
+        mq = jax.lax.dynamic_slice_in_dim(mp, i * bq, bq, axis=3) if per_q else mp
+
+        def k_block(j, carry):
+            m, l, acc = carry
+            kb = jax.lax.dynamic_slice_in_dim(kh, j * bk, bk, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(vh, j * bk, bk, axis=2)
+            mb = jax.lax.dynamic_slice_in_dim(mq, j * bk, bk, axis=4)
+            sc = jnp.einsum("bkgth,bksh->bkgts", qb, kb, preferred_element_type=jnp.float32)
+            sc = jnp.where(mb, sc, _NEG)
+            m2 = jnp.maximum(m, sc.max(-1, keepdims=True))
+            a, p = jnp.exp(m - m2), jnp.exp(sc - m2)
+            pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+            return m2, l * a + p.sum(-1, keepdims=True), acc * a + pv
+
+        init = (jnp.full((B, K, G, bq, 1), _NEG, jnp.float32), jnp.zeros((B, K, G, bq, 1), jnp.float32),
+                jnp.zeros((B, K, G, bq, H), jnp.float32))
+        stop = jnp.minimum(((i + 1) * bq + bk - 1) // bk, nk) if causal else nk
+        _, l, acc = jax.lax.fori_loop(0, stop, k_block, init)
+        return acc / l
+
+    o = jax.lax.map(q_block, jnp.arange(nq))  # [nq, B, K, G, bq, H]
+    o = o.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, Tp, H)[:, :, :, :T]
+    return _from_head_major(o, q.dtype)
 
 
 def attention_rows(q_rows: jax.Array, k: jax.Array, key_valid: jax.Array) -> jax.Array:

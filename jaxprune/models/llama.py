@@ -60,12 +60,13 @@ class LlamaLayer(nnx.Module):
         self.mlp = LlamaMLP(cfg, rngs=rngs, **kw)
 
     def prefill(self, h: jax.Array, cos, sin, mask: jax.Array, capacity: int):
-        """Full-sequence step. ``h [B, T, H]``, ``mask [B, 1, T, T]``.
+        """Full-sequence step. ``h [B, T, H]``, ``mask [B, 1, T, T]``, causal in slot order (:func:`causal_mask`:
+        attention may skip the key blocks above the diagonal).
 
         Returns ``(h, cache, (q, k))`` with this layer's post-RoPE ``q [B,T,N,hd]``, ``k [B,T,K,hd]``.
         """
         q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
-        h = h + self.self_attn.out(attention(q, k, v, mask))
+        h = h + self.self_attn.out(attention(q, k, v, mask, causal=True))
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, (kv_cache.prefill_cache(k, v, capacity) if capacity else None), (q, k)
 
