@@ -19,9 +19,10 @@ Columns:
 
 * prefill ms = jitted prefill to the first token's logits (TTFT, vision tower included; the prefill program of
   ``model.plan(..., reducer=spec)`` as ``Llava.generate`` runs it), median of ``--repeats`` runs;
-* decode ms/token = (generate(N+1) - generate(1)) / N with EOS disabled, where generate(n) = that prefill
-  (KV caches sized for N+1 new tokens) + ``jaxprune.engine.decode`` of n tokens; unlike ``bench_forward`` both
-  runs share one prefill program, so the prefill cancels exactly and each row compiles one prefill;
+* decode ms/token = the slope of a least-squares fit of the decode loop's time (``jaxprune.engine.decode`` on
+  one prefill state whose KV caches hold N+1 new tokens, EOS disabled) at several lengths up to N+1
+  (:func:`experiments.timing.decode_lengths`), with its intercept and residual in the JSON; a fit whose slope
+  is not positive or whose medians do not grow with the length is refused (no figure), never reported;
 * KV bytes = ``DecodeState.kv_bytes`` of the real prefill, asserted equal to
   :func:`jaxprune.flops.kv_cache_bytes` (a mismatch fails the run after the results are written);
 * FLOPs = :func:`jaxprune.flops.prefill_cost` ``.total`` (vision + projector + LLM with SwiGLU and GQA,
@@ -31,11 +32,12 @@ Columns:
   source="shallow"), the shallow prefill on the full sequence, which ``prefill_cost`` does not count;
   the FastV-formula LLM count (``llm_fastv_formula``) is listed too, labelled;
 * average visual tokens over the decoder layers (``PrefillCost.average_visual_tokens``);
-* realized speedup = median over ``--repeats`` interleaved pairs of t_full / t: the full model's prefill
-  is timed again next to each row (:func:`bench_common.timeit_paired`), so that both sides of the ratio
-  see the same machine load (on a shared machine, a full-model time taken minutes earlier moved the
-  ratios by +-15%); FLOPs speedup = FLOPs_full / FLOPs, ratio = realized / FLOPs speedup, pass when
-  ratio >= 0.85.
+* realized speedup = median of the per-round ratios t_full / t over ``--repeats`` ABBA rounds in which the
+  full model's prefill is timed next to the row's (:func:`experiments.timing.interleaved`), so that both sides
+  of the ratio see the same machine load (on a shared machine, a full-model time taken minutes earlier moved
+  the ratios by +-15%); FLOPs speedup = FLOPs_full / FLOPs, ratio = realized / FLOPs speedup, pass when
+  ratio >= 0.85. Warm-up calls (compile included) are never timed; each prefill program's lower + compile time
+  is reported apart.
 
     python -m experiments.bench_budgets [--depth 32|8] [--budgets 192 128 64] [--batch 1] [--repeats 5]
                                         [--out STEM|PATH]
@@ -55,8 +57,8 @@ import traceback
 import jax
 
 from experiments import bench_reducers as br
-from experiments.bench_common import (bench_config, describe_config, git_rev, jax_device, machine, md_table, timeit,
-                                      timeit_paired)
+from experiments import timing as T
+from experiments.bench_common import bench_config, describe_config, git_rev, jax_device, md_table
 from experiments.bench_forward import PREFIX, QUESTION, make_inputs
 from jaxprune import engine, flops
 from jaxprune.reducers import registry
@@ -90,41 +92,39 @@ def release_programs(model) -> None:
 
 
 def bench_row(model, spec, ids, mask, px, new_tokens: int, repeats: int, baseline=None) -> dict:
-    """One row. ``baseline`` (the full model's prefill, a blocking callable): time the prefill in interleaved
-    pairs with it and report ``speedup`` = median of the per-pair ratios."""
+    """One row. ``baseline`` (the full model's prefill, a blocking callable): time the prefill in ABBA rounds
+    with it and report ``speedup`` = median of the per-round ratios."""
     cfg = model.cfg
     run, meta = br.prefill_runner(model, spec, ids, mask, px)
     ipr, text = meta["imgs_per_row"], meta["text_tokens"]
-    B, T = meta["plan"].batch_shape
+    p = meta["plan"]
+    B, T_ = p.batch_shape
     n = new_tokens + 1
-
-    def generate(k):
-        def f():
-            st = run(n)
-            jax.block_until_ready(engine.decode(model, st, k, eos_ids=(), pad_id=0))
-        return f
-
-    prefill = lambda: jax.block_until_ready(run(n).first_logits)  # noqa: E731
-    paired = {}
-    if baseline is None:
-        t_pre = timeit(prefill, repeats)
-    else:
-        t_base, t_own = timeit_paired(baseline, prefill, repeats)
-        t_pre = statistics.median(t_own)
-        paired = {"full_prefill_s_paired": statistics.median(t_base),
-                  "speedup": statistics.median([a / b for a, b in zip(t_base, t_own)]),
-                  "prefill_times_s": t_own, "full_prefill_times_s": t_base}
-    t1 = timeit(generate(1), repeats)
-    tn = timeit(generate(n), repeats)
+    comp = T.compile_seconds(model.programs.prefill, model.params, p.arrays, static=p.static, max_new_tokens=n)
     state = run(n)
+    lengths = T.decode_lengths(new_tokens)
+    fns = {"prefill": lambda: jax.block_until_ready(run(n).first_logits)}
+    if baseline is not None:
+        fns["full"] = baseline
+    fns.update({k: (lambda k=k: jax.block_until_ready(engine.decode(model, state, k, eos_ids=(), pad_id=0)))
+                for k in lengths})
+    res = T.interleaved(fns, repeats)
+    fit = T.fit_decode({k: res[k].samples for k in lengths})
+    paired = {}
+    if baseline is not None:
+        sp = res.ratio("full", "prefill")
+        paired = {"full_prefill_s_paired": res["full"].median, "speedup": sp.median, "speedup_stats": sp.to_dict(),
+                  "prefill_times_s": res["prefill"].samples, "full_prefill_times_s": res["full"].samples}
     cost = flops.prefill_cost(cfg, spec, text_tokens=text, images=ipr, batch=B)
     kv_analytic = flops.kv_cache_bytes(cfg, cost, batch=B, new_tokens=n, itemsize=model.dtype.itemsize)
-    extra = 0.0 if spec is None else shallow_flops(cfg, spec, T, B)
-    return {"stages": "" if spec is None else br.describe(spec), "seq": T,
+    extra = 0.0 if spec is None else shallow_flops(cfg, spec, T_, B)
+    return {"stages": "" if spec is None else br.describe(spec), "seq": T_,
             "text_tokens": text,
             "avg_visual_tokens": cost.average_visual_tokens, "segments": cost.segments,
-            "visual_tokens": cost.visual_tokens, "prefill_s": t_pre, "decode_s_per_tok": (tn - t1) / new_tokens,
-            "kv_bytes": int(state.kv_bytes), "kv_bytes_analytic": int(kv_analytic),
+            "visual_tokens": cost.visual_tokens, "prefill_s": res["prefill"].median,
+            "prefill_stats": res["prefill"].stats.to_dict(), "prefill_compile_s": comp["compile_s"],
+            "prefill_first_s": res["prefill"].first_s, "decode_s_per_tok": fit.per_token_s,
+            "decode_fit": fit.to_dict(), "kv_bytes": int(state.kv_bytes), "kv_bytes_analytic": int(kv_analytic),
             "kv_agree": int(state.kv_bytes) == int(kv_analytic), "flops_vision": cost.vision,
             "flops_projector": cost.projector, "flops_llm": cost.llm_swiglu, "flops_llm_cuts": cost.llm_cuts,
             "flops_shallow": extra, "flops_total": cost.total + extra,
@@ -172,6 +172,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny config (smoke test)")
     ap.add_argument("--note", action="append", default=[], help="free-text note for the results file (repeatable)")
     ap.add_argument("--out", default=None, help="results stem or path (default budgets_cpu; none with --tiny)")
+    T.add_cli(ap)
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished rows of OUT.json (written after every row) and run only the others")
     a = ap.parse_args(argv)
@@ -194,12 +195,14 @@ def main(argv=None) -> dict:
         done = {(r["reducer"], r["budget"]): r for r in prior["rows"] if "error" not in r}
     model = br.load_model(cfg)
     ids, mask, px = make_inputs(cfg, a.batch)
+    quiet = T.quiet_from_cli(a)
+    monitor = T.LoadMonitor().__enter__()
     full = prior["full"] if prior else {"reducer": "full", "budget": cfg.tokens_per_image,
                                         **bench_row(model, None, ids, mask, px, new_tokens, repeats)}
     run_full, _ = br.prefill_runner(model, None, ids, mask, px, programs=engine.Programs(model.graphdef))
     n_full = new_tokens + 1
     baseline = lambda: jax.block_until_ready(run_full(n_full).first_logits)  # noqa: E731
-    data = {"machine": machine(), "device": jax_device(), "git": git_rev(), "command": br.command(
+    data = {"device": jax_device(), "quiet": quiet, "git": git_rev(), "command": br.command(
         "experiments.bench_budgets", argv), "config": cfg.to_hf_dict(), "batch": a.batch, "prefix": PREFIX,
         "question": QUESTION, "repeats": repeats, "new_tokens": new_tokens, "budgets": budgets,
         "target_ratio": TARGET_RATIO, "full": full, "rows": []}
@@ -208,13 +211,19 @@ def main(argv=None) -> dict:
         mib = r["kv_bytes"] / 2 ** 20
         kv = f"{mib:.3f}" + ("" if r["kv_agree"] else f" (analytic {r['kv_bytes_analytic'] / 2 ** 20:.3f}!)")
         paired = f"{r['full_prefill_s_paired'] * 1e3:.2f}" if "full_prefill_s_paired" in r else ""
+        pre = T.Stats(**r["prefill_stats"]).fmt(digits=2) if "prefill_stats" in r else f"{r['prefill_s'] * 1e3:.2f}"
+        fit = r.get("decode_fit")
+        dec = (T.fmt_fit(T.Fit(**{k: v for k, v in fit.items() if k != "per_token_s"}), 3) if fit else
+               T.fmt_ms(r["decode_s_per_tok"], 3))
         cells = [r["reducer"], r["budget"], r["stages"] or "-", f"{r['avg_visual_tokens']:.1f}",
-                 f"{r['prefill_s'] * 1e3:.2f}", paired, f"{r['decode_s_per_tok'] * 1e3:.3f}", kv,
+                 pre, paired, dec, kv,
                  "yes" if r["kv_agree"] else "NO", f"{r['flops_total'] / 1e9:.3f}",
                  f"{r['flops_llm_fastv_formula'] / 1e9:.3f}"]
         if r is full:
             return cells + ["1.00", "1.00", "", ""]
-        return cells + [f"{r['speedup']:.2f}", f"{r['flops_speedup']:.2f}", f"{r['ratio']:.2f}",
+        sp = (f"{r['speedup']:.2f} [{r['speedup_stats']['min']:.2f}-{r['speedup_stats']['max']:.2f}]"
+              if "speedup_stats" in r else f"{r['speedup']:.2f}")
+        return cells + [sp, f"{r['flops_speedup']:.2f}", f"{r['ratio']:.2f}",
                         "pass" if r["pass"] else "FAIL"]
 
     table = [fmt(full)]
@@ -246,22 +255,26 @@ def main(argv=None) -> dict:
             if base is not None:  # every finished row is on disk: a crash loses at most the row it was in
                 base.parent.mkdir(parents=True, exist_ok=True)
                 br.with_suffix(base, ".json").write_text(json.dumps(dict(data, complete=False), indent=1, default=str))
+    data["load"], data["env"] = monitor.stop(), T.environment()
+    data["machine"] = T.describe_machine(data["env"])
     mismatched = [f"{r['reducer']}@{r['budget']}" for r in [full, *data["rows"]]
                   if "error" not in r and not r["kv_agree"]]
     data["kv_mismatch"] = mismatched
     md = "\n".join([
         "# Prefill / decode / KV / FLOPs vs visual-token budget" + (" (tiny smoke config)" if a.tiny else
                                                                      " (CPU, fp32)"), "",
-        f"- machine: {data['machine']}", f"- jax device: {data['device']}", f"- git: {data['git']}",
+        *T.header_lines(data["env"], data["load"], quiet), f"- jax device: {data['device']}", f"- git: {data['git']}",
         f"- command: `{data['command']}`" + (f" (resumed: {data['resumed_from']['rows']} rows from "
                                               f"`{data['resumed_from']['command']}` at git {data['resumed_from']['git']})"
                                               if "resumed_from" in data else ""),
         "- config: " + ("tiny (see json)" if a.tiny else describe_config(cfg))
         + f"; batch {a.batch}, {PREFIX}-token prefix + image + {QUESTION}-token question, padded to {full['seq']} "
         "tokens (the model's 32-token bucket), random weights",
-        ("- prefill = jitted prefill to first-token logits (TTFT, vision tower included); decode = (generate("
-         f"{new_tokens + 1}) - generate(1)) / {new_tokens}, EOS disabled, both on the same prefill program; "
-         f"medians of {repeats}"),
+        ("- method (`experiments/timing.py`): prefill = jitted prefill to first-token logits (TTFT, vision tower "
+         f"included), median [min-max] ms of {repeats} ABBA rounds after a warm-up call (compile never timed); "
+         "decode = slope of a least-squares fit of the decode loop's time on one prefill state at "
+         f"{T.decode_lengths(new_tokens)} tokens, EOS disabled (ms/token, + intercept ms, residual rms ms), refused "
+         "when not positive / not growing with the length"),
         (f"- KV = DecodeState.kv_bytes of the real prefill (caches for {new_tokens + 1} new tokens), checked equal "
          "to flops.kv_cache_bytes (column 'KV = analytic')"),
         (f"- GFLOPs = flops.prefill_cost(...).total at the {full['text_tokens']} text tokens the model runs "
@@ -272,8 +285,8 @@ def main(argv=None) -> dict:
          "LLM only, for comparison with papers"),
         ("- avg visual = visual tokens averaged over the decoder layers (in-LLM cuts: budget = that average "
          "for multi-cut methods, tokens after the cut for FastV-style ones; see jaxprune.reducers.registry)"),
-        ("- realized = median over the row's interleaved pairs of t_full / t (the full prefill re-timed next to "
-         f"each row, {repeats} pairs); FLOPs speedup = GFLOPs_full / GFLOPs; ratio = realized / FLOPs speedup"),
+        ("- realized = median [min-max] of the per-round ratios t_full / t (the full prefill timed in the same "
+         f"ABBA rounds as each row, {repeats} rounds); FLOPs speedup = GFLOPs_full / GFLOPs; ratio = realized / FLOPs speedup"),
         "",
         md_table(["reducer", "budget", "stages", "avg visual", "prefill ms", "full prefill ms (paired)",
                   "decode ms/tok", "KV MiB",

@@ -1,14 +1,22 @@
 """Prefill and decode speed of jaxprune vs transformers PyTorch (SDPA, fp32) on the same weights.
 
 Config: :func:`bench_common.bench_config` (LLaVA-1.5 shape at reduced width), a 35-token prefix,
-one image (576 tokens) and a ~40-token question. Prefill = time to the first token's logits (the
-PyTorch side computes logits for the last position only, as its ``generate`` does); decode =
-ms per generated token, from ``generate`` runs of 1 and N+1 new tokens (EOS disabled).
+one image (576 tokens) and a ~40-token question. Method (:mod:`experiments.timing`):
 
-    python -m experiments.bench_forward [--batches 1 8] [--new-tokens 32] [--tiny]
+* prefill = time to the first token's logits: jaxprune's prefill program (``engine.prefill``; the prompt
+  padded to the 32-token bucket, 651 -> 672) vs ``model(..., logits_to_keep=1, use_cache=True)`` (what
+  ``generate`` runs first); the two sides alternate in ABBA rounds in this process, after one warm-up call
+  each (jaxprune's compile is timed apart, ``lower`` + ``compile``); ratio = median of the per-round ratios;
+* decode = ms per generated token, the slope of a least-squares line through the times at several
+  generation lengths (:func:`experiments.timing.decode_lengths`): jaxprune's decode loop (``engine.decode``) on
+  one prefill state, transformers' ``generate(n)`` (EOS disabled, ``min_new_tokens = n``; its prefill is in the
+  intercept); all (side, length) calls interleaved in ABBA rounds; a fit with a non-positive slope or
+  medians that do not grow with the length is refused, never reported.
 
-Writes ``experiments/results/forward_cpu.md`` and ``.json`` (``--tiny`` writes nothing unless
-``--out`` is given; the test suite uses it to keep the script alive).
+    python -m experiments.bench_forward [--batches 1 8] [--new-tokens 32] [--repeats 5] [--tiny] [--wait-quiet MIN]
+
+Writes ``experiments/results/forward_cpu.md`` and ``.json`` (``--tiny`` writes nothing unless ``--out`` is given;
+the test suite uses it to keep the script alive).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from experiments.bench_common import bench_config, git_rev, jax_device, machine, md_table, timeit, write_results
+from experiments import timing as T
+from experiments.bench_common import bench_config, git_rev, jax_device, md_table, write_results
 from jaxprune import engine
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 from jaxprune.model import Llava
@@ -64,47 +73,107 @@ def hf_model_from(model: Llava):
     return hf.eval().float()
 
 
-def bench_jax(model: Llava, ids, mask, px, new_tokens: int, repeats: int):
+def jax_side(model: Llava, ids, mask, px, lengths: list[int]) -> tuple[dict, dict]:
+    """``({"prefill": fn, ("decode", n): fn}, compile info)``: blocking callables of jaxprune's programs."""
     p = model.plan(ids, px, mask)
+    top = max(lengths)
+    comp = T.compile_seconds(model.programs.prefill, model.params, p.arrays, static=p.static, max_new_tokens=top)
+    info = {"prefill_lower_s": comp["lower_s"], "prefill_compile_s": comp["compile_s"],
+            **{f"prefill_{k}": v for k, v in T.xla_analysis(comp["compiled"]).items()},
+            "bucketed_seq": int(p.arrays["input_ids"].shape[1])}
+    state = engine.prefill(model, p, top)
 
-    def prefill(n):
-        return engine.prefill(model, p, n)
+    def prefill():
+        jax.block_until_ready(engine.prefill(model, p, top).first_logits)
 
-    def run_prefill():
-        jax.block_until_ready(prefill(new_tokens + 1).first_logits)
-
-    def run_generate(n):
-        def f():
-            st = prefill(n)
-            jax.block_until_ready(engine.decode(model, st, n, eos_ids=(), pad_id=0))
-        return f
-
-    t_pre = timeit(run_prefill, repeats)
-    t1 = timeit(run_generate(1), repeats)
-    tn = timeit(run_generate(new_tokens + 1), repeats)
-    return t_pre, (tn - t1) / new_tokens
+    fns = {"prefill": prefill}
+    for n in lengths:
+        fns[("decode", n)] = lambda n=n: jax.block_until_ready(engine.decode(model, state, n, eos_ids=(), pad_id=0))
+    return fns, info
 
 
-def bench_torch(hf, ids, mask, px, new_tokens: int, repeats: int):
+def torch_side(hf, ids, mask, px, lengths: list[int]) -> dict:
     import torch
 
     ti, tm, tp = torch.tensor(ids), torch.tensor(mask), torch.tensor(px)
 
-    def run_prefill():
+    def prefill():
         with torch.inference_mode():
             hf(input_ids=ti, pixel_values=tp, attention_mask=tm, logits_to_keep=1, use_cache=True)
 
-    def run_generate(n):
+    def generate(n):
         def f():
             with torch.inference_mode():
                 hf.generate(input_ids=ti, pixel_values=tp, attention_mask=tm, max_new_tokens=n, min_new_tokens=n,
                             do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0)
         return f
 
-    t_pre = timeit(run_prefill, repeats)
-    t1 = timeit(run_generate(1), repeats)
-    tn = timeit(run_generate(new_tokens + 1), repeats)
-    return t_pre, (tn - t1) / new_tokens
+    return {"prefill": prefill, **{("decode", n): generate(n) for n in lengths}}
+
+
+def bench_batch(model: Llava, hf, B: int, new_tokens: int, repeats: int) -> dict:
+    """One batch size: both sides' callables measured in the same ABBA rounds."""
+    cfg = model.cfg
+    ids, mask, px = make_inputs(cfg, B)
+    lengths = T.decode_lengths(new_tokens)
+    jf, info = jax_side(model, ids, mask, px, lengths)
+    fns = {("jax", k): f for k, f in jf.items()}
+    if hf is not None:
+        fns.update({("torch", k): f for k, f in torch_side(hf, ids, mask, px, lengths).items()})
+    res = T.interleaved(fns, repeats)
+    r = {"batch": B, "seq": int(ids.shape[1]), "decode_lengths": lengths, "jax_compile": info,
+         "jax_prefill": res[("jax", "prefill")].to_dict(), "jax_prefill_s": res[("jax", "prefill")].median}
+    fits = {}
+    for side in ("jax", "torch") if hf is not None else ("jax",):
+        fit = T.fit_decode({n: res[(side, ("decode", n))].samples for n in lengths})
+        fits[side] = fit
+        r[f"{side}_decode_fit"] = fit.to_dict()
+        r[f"{side}_decode_s_per_tok"] = fit.per_token_s
+        r[f"{side}_decode_first_s"] = {n: res[(side, ("decode", n))].first_s for n in lengths}
+    if hf is not None:
+        r["torch_prefill"] = res[("torch", "prefill")].to_dict()
+        r["torch_prefill_s"] = res[("torch", "prefill")].median
+        ratio = res.ratio(("jax", "prefill"), ("torch", "prefill"))
+        r["prefill_ratio_stats"] = ratio.to_dict()
+        r["prefill_ratio"] = ratio.median
+        ok = fits["jax"].ok and fits["torch"].ok
+        r["decode_ratio"] = fits["jax"].slope / fits["torch"].slope if ok else None
+    return r
+
+
+def _row(r: dict) -> list:
+    na = "n/a"
+    pj = T.Stats(**r["jax_prefill"]["stats"])
+    pt = T.Stats(**r["torch_prefill"]["stats"]) if "torch_prefill" in r else None
+    rs = T.Stats(**r["prefill_ratio_stats"]) if "prefill_ratio_stats" in r else None
+    fj = T.Fit(**{k: v for k, v in r["jax_decode_fit"].items() if k != "per_token_s"})
+    ft = T.Fit(**{k: v for k, v in r["torch_decode_fit"].items() if k != "per_token_s"}) if "torch_decode_fit" in r else None
+    return [r["batch"], f"{r['seq']} ({r['jax_compile']['bucketed_seq']})", pj.fmt(), pt.fmt() if pt else na,
+            f"{rs.median:.2f} [{rs.min:.2f}-{rs.max:.2f}]" if rs else na,
+            T.fmt_fit(fj), T.fmt_fit(ft) if ft else na,
+            na if r.get("decode_ratio") is None else f"{r['decode_ratio']:.2f}",
+            f"{r['jax_compile']['prefill_compile_s']:.1f}"]
+
+
+def markdown(data: dict, a) -> str:
+    return "\n".join([
+        "# Forward speed: jaxprune vs transformers (CPU, fp32)", "",
+        *T.header_lines(data["env"], data["load"], data.get("quiet")),
+        f"- git: {data['git']}; command: `{data['command']}`",
+        "- config: CLIP 6x256 (336 px, patch 14 -> 576 tokens), Llama 8x512 (inter 1376, vocab 32064), "
+        f"{PREFIX}-token prefix + {QUESTION}-token question, same random weights on both sides",
+        ("- method (`experiments/timing.py`): both sides in this process, one warm-up call each, then "
+         f"{a.repeats} ABBA rounds; prefill = time to first-token logits (torch: logits_to_keep=1, as generate; jax: "
+         "the prefill program on the prompt padded to the 32-token bucket, seq column in brackets); cells = median "
+         "[min-max] ms; ratio = median [min-max] of the per-round jax/torch ratios; decode = slope of a least-squares "
+         f"fit of time vs tokens at lengths {data['runs'][0]['decode_lengths'] if data['runs'] else '?'} "
+         "(ms/token, + intercept ms, residual rms ms): jax = decode loop on one prefill state, torch = "
+         "generate(n) (its prefill in the intercept), EOS disabled; decode ratio = slope / slope"),
+        "- jax compile = lower + compile of the prefill program, timed apart (never in a timed call)", "",
+        md_table(["batch", "seq (jax bucket)", "jax prefill ms", "torch prefill ms", "prefill ratio",
+                  "jax decode ms/tok", "torch decode ms/tok", "decode ratio", "jax prefill compile s"],
+                 [_row(r) for r in data["runs"]]),
+        "", "Target: ratio <= 0.8 for prefill and decode.", *[f"\n{n}" for n in a.note], ""])
 
 
 def main(argv=None) -> dict:
@@ -114,42 +183,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tiny", action="store_true", help="tiny config (smoke test)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--note", action="append", default=[], help="a paragraph for the results file (repeatable)")
     ap.add_argument("--out", default=None, help="results stem (default forward_cpu; none with --tiny)")
+    T.add_cli(ap)
     a = ap.parse_args(argv)
+    import sys
+
     import torch
 
     cfg = tiny_config() if a.tiny else bench_config()
     model = Llava.random(cfg, seed=0)
     hf = None if a.no_torch else hf_model_from(model)
-    rows, data = [], {"machine": machine(), "device": jax_device(), "torch": torch.__version__,
-                      "torch_threads": torch.get_num_threads(), "git": git_rev(), "config": cfg.to_hf_dict(),
-                      "prefix": PREFIX, "question": QUESTION, "new_tokens": a.new_tokens, "runs": []}
-    for B in a.batches:
-        ids, mask, px = make_inputs(cfg, B)
-        jp_pre, jp_dec = bench_jax(model, ids, mask, px, a.new_tokens, a.repeats)
-        r = {"batch": B, "seq": ids.shape[1], "jax_prefill_s": jp_pre, "jax_decode_s_per_tok": jp_dec}
-        if hf is not None:
-            pt_pre, pt_dec = bench_torch(hf, ids, mask, px, a.new_tokens, a.repeats)
-            r.update(torch_prefill_s=pt_pre, torch_decode_s_per_tok=pt_dec,
-                     prefill_ratio=jp_pre / pt_pre, decode_ratio=jp_dec / pt_dec)
-        data["runs"].append(r)
-        rows.append([B, ids.shape[1], f"{jp_pre * 1e3:.1f}", f"{r.get('torch_prefill_s', float('nan')) * 1e3:.1f}",
-                     f"{r.get('prefill_ratio', float('nan')):.2f}", f"{jp_dec * 1e3:.2f}",
-                     f"{r.get('torch_decode_s_per_tok', float('nan')) * 1e3:.2f}",
-                     f"{r.get('decode_ratio', float('nan')):.2f}"])
-        print(rows[-1], flush=True)
-    md = "\n".join([
-        "# Forward speed: jaxprune vs transformers (CPU, fp32)", "",
-        f"- machine: {data['machine']}", f"- jax device: {data['device']}; torch {data['torch']} "
-        f"({data['torch_threads']} threads, SDPA)", f"- git: {data['git']}",
-        "- config: CLIP 6x256 (336 px, patch 14 -> 576 tokens), Llama 8x512 (inter 1376, vocab 32064), "
-        f"{PREFIX}-token prefix + {QUESTION}-token question, same random weights on both sides",
-        "- prefill = time to first-token logits (torch: logits_to_keep=1, as generate); decode = "
-        f"(generate({a.new_tokens + 1}) - generate(1)) / {a.new_tokens}, EOS disabled; median of {a.repeats}",
-        "- command: `python -m experiments.bench_forward`", "",
-        md_table(["batch", "seq", "jax prefill ms", "torch prefill ms", "ratio", "jax decode ms/tok",
-                  "torch decode ms/tok", "ratio"], rows),
-        "", "Target: ratio <= 0.8 for prefill and decode.", ""])
+    quiet = T.quiet_from_cli(a)
+    data = {"device": jax_device(), "git": git_rev(), "command": "python -m experiments.bench_forward "
+            + " ".join(sys.argv[1:] if argv is None else argv), "config": cfg.to_hf_dict(), "prefix": PREFIX,
+            "question": QUESTION, "new_tokens": a.new_tokens, "repeats": a.repeats, "quiet": quiet, "runs": [],
+            "torch": torch.__version__}
+    with T.LoadMonitor() as lm:
+        for B in a.batches:
+            data["runs"].append(bench_batch(model, hf, B, a.new_tokens, a.repeats))
+            print(_row(data["runs"][-1]), flush=True)
+    data["load"], data["env"] = lm.stop(), T.environment()
+    data["machine"] = T.describe_machine(data["env"])
+    md = markdown(data, a)
     stem = a.out or (None if a.tiny else "forward_cpu")
     if stem:
         md_path, _ = write_results(stem, md, data)

@@ -34,7 +34,8 @@ from pathlib import Path
 import jax
 
 from experiments import capture as cap_mod
-from experiments.bench_common import RESULTS, bench_config, git_rev, jax_device, machine, md_table, timeit
+from experiments import timing as T
+from experiments.bench_common import RESULTS, bench_config, git_rev, jax_device, md_table
 from experiments.bench_forward import PREFIX, QUESTION, make_inputs
 from jaxprune import engine
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
@@ -134,29 +135,39 @@ def bench_reducer(model: Llava, spec, ids, mask, px, new_tokens: int, repeats: i
     """Pruned prefill, own time (per part) and shallow-prefill time of one spec. ``compiler_options`` apply to
     the capture and the per-reducer programs only (never to the prefill); --tiny uses fast compiles."""
     run, _ = prefill_runner(model, spec, ids, mask, px)
-    t_pre = timeit(lambda: jax.block_until_ready(run(new_tokens + 1).first_logits), repeats)
+    fns = {"prefill": lambda: jax.block_until_ready(run(new_tokens + 1).first_logits)}
     opts = compiler_options
     cap = cap_mod.capture(model, ids, px, spec, mask, compiler_options=opts)
-    parts, own, shallow = [], 0.0, None
-    for r, ctx in zip(cap.reducers, cap.contexts):
+    parts = []
+    for i, (r, ctx) in enumerate(zip(cap.reducers, cap.contexts)):
         part = {"reducer": repr(r), "stage": r.stage}
         f = cap_mod.reducer_fn(model, r, with_cut=False, compiler_options=opts)
-        part["reducer_s"] = timeit(lambda f=f, ctx=ctx: jax.block_until_ready(f(model.params, ctx)), 3 * repeats)
+        fns[(i, "reducer_s")] = lambda f=f, ctx=ctx: jax.block_until_ready(f(model.params, ctx))
         if r.stage == "llm":
             part["layer"] = r.layer
             g = cap_mod.reducer_fn(model, r, with_cut=True, compiler_options=opts)
-            part["cut_s"] = timeit(lambda g=g, ctx=ctx: jax.block_until_ready(g(model.params, ctx)), 3 * repeats)
-        part["own_s"] = part.get("cut_s", part["reducer_s"])
-        own += part["own_s"]
+            fns[(i, "cut_s")] = lambda g=g, ctx=ctx: jax.block_until_ready(g(model.params, ctx))
         if r.stage == "projector" and getattr(r, "shallow_layers", 0):
             sf, args = cap_mod.shallow_fn(model, r, cap.plan.static.layout, opts), cap_mod.shallow_args(model, cap, ctx)
             t2i = sf(*args)
             part["shallow_layers"] = r.shallow_layers
             part["shallow_check_max_abs_diff"] = float(abs(t2i - ctx.text_to_image).max())
-            part["shallow_s"] = timeit(lambda sf=sf, args=args: jax.block_until_ready(sf(*args)), repeats)
-            shallow = (shallow or 0.0) + part["shallow_s"]
+            fns[(i, "shallow_s")] = lambda sf=sf, args=args: jax.block_until_ready(sf(*args))
         parts.append(part)
-    return {"stages": describe(spec), "prefill_s": t_pre, "own_s": own, "overhead": own / t_pre,
+    res = T.interleaved(fns, repeats)  # the pruned prefill and every part in the same ABBA rounds
+    t_pre = res["prefill"].median
+    own, shallow = 0.0, None
+    for i, part in enumerate(parts):
+        for key in ("reducer_s", "cut_s", "shallow_s"):
+            if (i, key) in res.timings:
+                part[key] = res[(i, key)].median
+                part[key.replace("_s", "_stats")] = res[(i, key)].stats.to_dict()
+        part["own_s"] = part.get("cut_s", part["reducer_s"])
+        own += part["own_s"]
+        if "shallow_s" in part:
+            shallow = (shallow or 0.0) + part["shallow_s"]
+    return {"stages": describe(spec), "prefill_s": t_pre, "prefill_stats": res["prefill"].stats.to_dict(),
+            "own_s": own, "overhead": own / t_pre,
             "pass": own / t_pre <= TARGET_OVERHEAD, "shallow_s": shallow,
             "shallow_frac": None if shallow is None else shallow / t_pre, "parts": parts}
 
@@ -171,12 +182,13 @@ def main(argv=None) -> dict:
                     help="visual-token budgets as quoted for LLaVA-1.5 (576 tokens); --tiny scales them")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10; 1 with "
-                    "--tiny); reducer-only timings use 3x as many")
+                    "--tiny); the pruned prefill and every part of a reducer alternate in the same ABBA rounds")
     ap.add_argument("--new-tokens", type=int, default=None,
                     help="the prefill's KV caches hold N+1 new tokens, as in bench_budgets (default 32; 2 with --tiny)")
     ap.add_argument("--reducers", nargs="+", default=None, help="subset of registered names (default: all)")
     ap.add_argument("--tiny", action="store_true", help="tiny config (smoke test)")
     ap.add_argument("--out", default=None, help="results stem or path (default reducers_cpu; none with --tiny)")
+    T.add_cli(ap)
     a = ap.parse_args(argv)
     cfg = tiny_config() if a.tiny else bench_config()
     repeats = a.repeats or (1 if a.tiny else 10)
@@ -185,9 +197,12 @@ def main(argv=None) -> dict:
     names = a.reducers or registry.names()
     model = load_model(cfg)
     ids, mask, px = make_inputs(cfg, a.batch)
+    quiet = T.quiet_from_cli(a)
+    monitor = T.LoadMonitor().__enter__()
     run_full, _ = prefill_runner(model, None, ids, mask, px)
-    t_full = timeit(lambda: jax.block_until_ready(run_full(new_tokens + 1).first_logits), repeats)
-    data = {"machine": machine(), "device": jax_device(), "git": git_rev(), "command": command(
+    t_full_t = T.measure(lambda: jax.block_until_ready(run_full(new_tokens + 1).first_logits), repeats)
+    t_full = t_full_t.median
+    data = {"device": jax_device(), "quiet": quiet, "full_prefill_stats": t_full_t.stats.to_dict(), "git": git_rev(), "command": command(
         "experiments.bench_reducers", argv), "config": cfg.to_hf_dict(), "batch": a.batch, "prefix": PREFIX,
         "question": QUESTION, "seq": int(ids.shape[1]), "repeats": repeats, "new_tokens": new_tokens,
         "budgets": budgets, "target_overhead": TARGET_OVERHEAD, "full_prefill_s": t_full, "rows": []}
@@ -213,9 +228,11 @@ def main(argv=None) -> dict:
                              _fmt_ms(row["shallow_s"]),
                              "" if row["shallow_frac"] is None else f"{100 * row['shallow_frac']:.1f}"])
             print(rows[-1], flush=True)
+    data["load"], data["env"] = monitor.stop(), T.environment()
+    data["machine"] = T.describe_machine(data["env"])
     md = "\n".join([
         "# Reducer overhead vs the pruned prefill" + (" (tiny smoke config)" if a.tiny else " (CPU, fp32)"), "",
-        f"- machine: {data['machine']}", f"- jax device: {data['device']}", f"- git: {data['git']}",
+        *T.header_lines(data["env"], data["load"], quiet), f"- jax device: {data['device']}", f"- git: {data['git']}",
         f"- command: `{data['command']}`",
         "- config: " + ("tiny (see json)" if a.tiny else "CLIP 6x256 (336 px, patch 14 -> 576 tokens), Llama 8x512 "
                         "(inter 1376, vocab 32064)") + f"; batch {a.batch}, {PREFIX}-token prefix + image + "
@@ -226,7 +243,8 @@ def main(argv=None) -> dict:
          "(captured), jitted alone; LLM-stage reducers: the whole cut (engine.cuts.cut: context incl. q/k recompute, "
          "reducer, sequence rebuild); a compose sums its parts ('reducer fn' lists each part's reducer call "
          "alone); shallow = ConsensusDrop-style shallow prefill on the full sequence, not part of own; "
-         f"medians of {repeats} (reducer-only timings: {3 * repeats})"), "",
+         f"medians of {repeats} ABBA rounds in which the pruned prefill and every part are timed together "
+         "(`experiments/timing.py`; warm-up calls, compile included, never timed)"), "",
         md_table(["reducer", "budget", "stages", "pruned prefill ms", "own ms", "reducer fn ms", "overhead %",
                   f"<= {100 * TARGET_OVERHEAD:.0f}%", "shallow prefill ms", "shallow %"], rows),
         "", (f"Target: own time <= {100 * TARGET_OVERHEAD:.0f}% of the pruned prefill "

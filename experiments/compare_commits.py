@@ -50,10 +50,12 @@ def _forward_figures(d: dict) -> dict[str, float]:
     for r in d["runs"]:
         b = r["batch"]
         out[f"forward b{b} jax prefill ms"] = 1e3 * r["jax_prefill_s"]
-        out[f"forward b{b} jax decode ms/tok"] = 1e3 * r["jax_decode_s_per_tok"]
+        if r.get("jax_decode_s_per_tok") is not None:  # None: the decode fit was refused (experiments.timing)
+            out[f"forward b{b} jax decode ms/tok"] = 1e3 * r["jax_decode_s_per_tok"]
         if r.get("torch_prefill_s"):
             out[f"forward b{b} prefill jax/torch"] = r["prefill_ratio"]
-            out[f"forward b{b} decode jax/torch"] = r["decode_ratio"]
+            if r.get("decode_ratio") is not None:
+                out[f"forward b{b} decode jax/torch"] = r["decode_ratio"]
     return out
 
 

@@ -474,3 +474,30 @@ def header_lines(env: dict, load: dict | None = None, quiet: dict | None = None)
             f"- threads: {'; '.join(thr)}",
             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
             f"- {describe_load(load, quiet)}"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command-line glue shared by the benchmarks
+def add_cli(ap) -> None:
+    """``--wait-quiet MIN`` / ``--max-load L``: wait up to MIN minutes for a 1-minute load below L before the
+    measured part (the wait and the load are recorded either way)."""
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="MIN",
+                    help="wait up to MIN minutes for a quiet machine (1-min load < --max-load) before measuring")
+    ap.add_argument("--max-load", type=float, default=0.6, help="the quiet threshold of --wait-quiet (default 0.6)")
+
+
+def quiet_from_cli(a, log=print) -> dict | None:
+    if not getattr(a, "wait_quiet", 0):
+        return None
+    return wait_for_quiet(a.max_load, 60.0 * a.wait_quiet, log=lambda m: log(m, flush=True))
+
+
+def fmt_ms(x: float | None, digits: int = 1, na: str = "n/a") -> str:
+    return na if x is None else f"{x * 1e3:.{digits}f}"
+
+
+def fmt_fit(fit: Fit, digits: int = 2) -> str:
+    """``9.12 ms/tok (+310.2 ms, rms 1.3 ms)`` or ``refused: ...``."""
+    if not fit.ok:
+        return f"refused ({fit.problem.split(':')[0]})"
+    return (f"{fit.slope * 1e3:.{digits}f} (+{fit.intercept * 1e3:.1f}, rms {fit.residual_rms * 1e3:.2f})")

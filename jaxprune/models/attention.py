@@ -63,9 +63,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
 CPU_Q_BLOCK, CPU_K_BLOCK, CPU_BLOCKED_MIN_T, CPU_LOOP_MIN_TS = 128, 256, 256, 1024 * 1024
 
 
-def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool = False
-                  ) -> jax.Array:
-    """Attention scheduled for XLA:CPU, chosen by the static shapes:
+CPU_SCHEDULES = ("dense", "qblocks", "flash")
+
+
+def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool = False,
+                  schedule: str | None = None) -> jax.Array:
+    """Attention scheduled for XLA:CPU; ``schedule`` (one of :data:`CPU_SCHEDULES`, for benchmarks) or, by
+    default, chosen by the static shapes:
 
     * ``T < CPU_BLOCKED_MIN_T`` (decode steps, short prompts): one einsum pass (:func:`_dense_cpu`);
     * ``T * S <= CPU_LOOP_MIN_TS`` (a 576-token image + prompt): static query blocks of ``CPU_Q_BLOCK`` rows,
@@ -81,9 +85,13 @@ def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     the 8x-21x full-model rows of ``bench_gpu``'s CPU stand-in (issue 19)."""
     T, S = q.shape[1], k.shape[1]
     causal = causal and T == S
-    if T < CPU_BLOCKED_MIN_T:
+    if schedule is None:
+        schedule = "dense" if T < CPU_BLOCKED_MIN_T else "qblocks" if T * S <= CPU_LOOP_MIN_TS else "flash"
+    if schedule not in CPU_SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: expected one of {CPU_SCHEDULES}")
+    if schedule == "dense":
         return _dense_cpu(q, k, v, mask)
-    if T * S <= CPU_LOOP_MIN_TS:
+    if schedule == "qblocks":
         return _qblocks_cpu(q, k, v, mask, causal, CPU_Q_BLOCK)
     return _flash_cpu(q, k, v, mask, causal, CPU_Q_BLOCK * 2, CPU_K_BLOCK)
 
