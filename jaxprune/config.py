@@ -225,9 +225,16 @@ class TextConfig:
         return {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, **d}
 
 
+MODEL_TYPES = ("llava", "llava_next", "video_llava")
+_ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                  "video_llava": "VideoLlavaForConditionalGeneration"}
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
-    """LLaVA-1.5 (``llava``) or LLaVA-NeXT (``llava_next``): CLIP tower + 2-layer projector + Llama."""
+    """LLaVA-1.5 (``llava``), LLaVA-NeXT (``llava_next``) or Video-LLaVA (``video_llava``): CLIP tower(s) +
+    2-layer projector + Llama. Video-LLaVA has two CLIP towers of one ``vision`` config (``image_tower``,
+    ``video_tower``) and a second placeholder id ``video_token_index``."""
 
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
@@ -239,9 +246,11 @@ class LlavaConfig:
     multimodal_projector_bias: bool = True
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     use_image_newline_parameter: bool = True
+    video_token_index: int | None = None   # video_llava: the video placeholder id (32001)
+    num_frames: int = 8                    # video_llava: frames per video the processor samples (budgets, eval)
 
     def __post_init__(self):
-        if self.model_type not in ("llava", "llava_next"):
+        if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"config field model_type={self.model_type!r} is not implemented")
         n = self.vision.num_hidden_layers
         if not -(n + 1) <= self.vision_feature_layer <= n:
@@ -252,6 +261,12 @@ class LlavaConfig:
                               f"{self.vision_feature_select_strategy!r} is not implemented")
         if self.projector_hidden_act not in _PROJ_ACTS:
             raise ConfigError(f"config field projector_hidden_act={self.projector_hidden_act!r} is not implemented")
+        if self.model_type == "video_llava":
+            if self.video_token_index is None or self.video_token_index == self.image_token_index:
+                raise ConfigError(f"config field video_token_index={self.video_token_index!r} must be set and differ "
+                                  f"from image_token_index={self.image_token_index}")
+            if self.num_frames < 1:
+                raise ConfigError(f"num_frames={self.num_frames} must be >= 1")
 
     @property
     def feature_layer_index(self) -> int:
@@ -265,9 +280,22 @@ class LlavaConfig:
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
     @property
+    def tokens_per_frame(self) -> int:
+        """Video-LLaVA: visual tokens of one video frame (every patch + its CLS: 257 at 224/14)."""
+        return self.vision.num_patches + 1
+
+    @property
+    def tokens_per_video(self) -> int:
+        """Video-LLaVA: visual tokens of one ``num_frames`` video (8 x 257 = 2056)."""
+        return self.num_frames * self.tokens_per_frame
+
+    @property
     def max_image_tokens(self) -> int:
         """Placeholder tokens of the largest image: ``tokens_per_image`` (llava); the packed anyres maximum incl.
-        newlines (llava_next: 2928 for llava-v1.6's pinpoints at 336/14)."""
+        newlines (llava_next: 2928 for llava-v1.6's pinpoints at 336/14); video_llava: one video's tokens
+        (``num_frames * (P + 1)`` = 2056: budgets count a video's tokens)."""
+        if self.model_type == "video_llava":
+            return self.tokens_per_video
         if self.model_type != "llava_next":
             return self.tokens_per_image
         from jaxprune.processing_anyres import check_pinpoints, max_image_tokens
@@ -278,12 +306,16 @@ class LlavaConfig:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "LlavaConfig":
         mt = d.get("model_type")
-        if mt not in ("llava", "llava_next"):
-            raise ConfigError(f"config field model_type={mt!r} is not implemented (expected 'llava' or 'llava_next')")
+        if mt not in MODEL_TYPES:
+            raise ConfigError(f"config field model_type={mt!r} is not implemented (expected one of {MODEL_TYPES})")
         used = {"vision_config", "text_config", "model_type", "image_token_index", "image_token_id",
                 "projector_hidden_act", "vision_feature_layer", "vision_feature_select_strategy",
                 "multimodal_projector_bias", "image_seq_length", "tie_word_embeddings", "vocab_size",
-                "pad_token_id", "image_grid_pinpoints", "use_image_newline_parameter"}
+                "pad_token_id"}
+        if mt != "video_llava":
+            used |= {"image_grid_pinpoints", "use_image_newline_parameter"}
+        if mt == "video_llava":  # video_seq_length is processor metadata: it gives num_frames when it divides
+            used |= {"video_token_index", "video_token_id", "video_seq_length", "num_frames"}
         _check_keys(d, used, "")
         vfl = d.get("vision_feature_layer", -2)
         if isinstance(vfl, (list, tuple)):
@@ -313,6 +345,7 @@ class LlavaConfig:
             multimodal_projector_bias=bool(d.get("multimodal_projector_bias", True)),
             image_grid_pinpoints=pins,
             use_image_newline_parameter=bool(d.get("use_image_newline_parameter", True)),
+            **(_video_fields(d, vision) if mt == "video_llava" else {}),
         )
         # image_seq_length is processor metadata (HF's model never reads it; tiny test configs keep 576).
         return cfg
@@ -320,8 +353,7 @@ class LlavaConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "model_type": self.model_type,
-            "architectures": ["LlavaForConditionalGeneration" if self.model_type == "llava"
-                              else "LlavaNextForConditionalGeneration"],
+            "architectures": [_ARCHITECTURES[self.model_type]],
             "vision_config": self.vision.to_hf_dict(),
             "text_config": self.text.to_hf_dict(),
             "image_token_index": self.image_token_index,
@@ -333,10 +365,29 @@ class LlavaConfig:
         }
         if self.model_type == "llava":
             d["image_seq_length"] = self.tokens_per_image
+        elif self.model_type == "video_llava":
+            d.update(image_seq_length=self.tokens_per_image, video_token_index=self.video_token_index,
+                     video_seq_length=self.tokens_per_video, num_frames=self.num_frames)
         else:
             d["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
             d["use_image_newline_parameter"] = self.use_image_newline_parameter
         return d
+
+
+def _video_fields(d: Mapping[str, Any], vision: VisionConfig) -> dict[str, Any]:
+    """``video_token_index`` and ``num_frames`` of a Video-LLaVA config. ``num_frames``: the field if present (our
+    own export), else ``video_seq_length / (P + 1)`` when that divides (2056 / 257 = 8), else 8 (HF's model never
+    reads ``video_seq_length``: tiny test configs keep 2056 with any tower)."""
+    vt = d.get("video_token_index", d.get("video_token_id", 32001))
+    if isinstance(vt, bool) or not isinstance(vt, int):
+        raise ConfigError(f"config field video_token_index must be an int, got {vt!r}")
+    per = vision.num_patches + 1
+    if "num_frames" in d:
+        nf = _int(d, "num_frames", "")
+    else:
+        vsl = d.get("video_seq_length", 2056)
+        nf = vsl // per if isinstance(vsl, int) and vsl > 0 and vsl % per == 0 else 8
+    return {"video_token_index": int(vt), "num_frames": int(nf)}
 
 
 def load_config(path: str | Path) -> LlavaConfig:

@@ -32,22 +32,23 @@ def bucket_length(t: int, bucket: int) -> int:
     return t if bucket <= 1 else -(-t // bucket) * bucket
 
 
-def check_pixels(cfg: LlavaConfig, pixel_values) -> np.ndarray:
-    px = as_numpy(pixel_values, "pixel_values")
+def check_pixels(cfg: LlavaConfig, pixel_values, name: str = "pixel_values", what: str = "image") -> np.ndarray:
+    """Validate single-crop pixels ``[N, C, S, S]``; errors name the argument ``name`` and call items ``what``."""
+    px = as_numpy(pixel_values, name)
     v = cfg.vision
     if px.ndim != 4:
-        raise InputError(f"pixel_values must be [N, C, H, W] (NCHW), got shape {px.shape}")
+        raise InputError(f"{name} must be [N, C, H, W] (NCHW), got shape {px.shape}")
     if px.shape[1] != v.num_channels:
-        raise InputError(f"pixel_values has {px.shape[1]} channels, the vision tower expects {v.num_channels} "
+        raise InputError(f"{name} has {px.shape[1]} channels, the vision tower expects {v.num_channels} "
                          f"(NCHW layout; got shape {px.shape})")
     if px.shape[2:] != (v.image_size, v.image_size):
-        raise InputError(f"pixel_values images are {px.shape[2]}x{px.shape[3]}, the vision tower expects "
+        raise InputError(f"{name} {what}s are {px.shape[2]}x{px.shape[3]}, the vision tower expects "
                          f"{v.image_size}x{v.image_size}")
     if not np.issubdtype(px.dtype, np.floating):
-        raise InputError(f"pixel_values must be floating point (normalised), got dtype {px.dtype}")
+        raise InputError(f"{name} must be floating point (normalised), got dtype {px.dtype}")
     if not np.all(np.isfinite(px)):
         bad = int(np.flatnonzero(~np.isfinite(px).reshape(px.shape[0], -1).all(axis=1))[0])
-        raise InputError(f"pixel_values contain NaN or inf (image {bad})")
+        raise InputError(f"{name} contain NaN or inf ({what} {bad})")
     return px
 
 

@@ -144,7 +144,7 @@ def partition_specs(cfg: LlavaConfig, model_axis: int, vision: str = "auto") -> 
             spec = _COL  # [H, V]: vocab-sharded
         elif parts[0] == "projector" and H % m == 0:
             spec = {"linear_1.kernel": _COL, "linear_1.bias": P(MODEL), "linear_2.kernel": _ROW}.get(leaf, _REP)
-        elif parts[0] == "vision" and vis and len(parts) > 2 and parts[1] == "layers":
+        elif parts[0] in ("vision", "image_tower", "video_tower") and vis and len(parts) > 2 and parts[1] == "layers":
             spec = {"q_proj.kernel": _COL, "k_proj.kernel": _COL, "v_proj.kernel": _COL, "fc1.kernel": _COL,
                     "q_proj.bias": P(MODEL), "k_proj.bias": P(MODEL), "v_proj.bias": P(MODEL),
                     "fc1.bias": P(MODEL), "out_proj.kernel": _ROW, "fc2.kernel": _ROW}.get(leaf, _REP)

@@ -112,20 +112,30 @@ class Rule:
 
 
 _V, _L = "vision_tower.", "language_model."
-RULES: tuple[Rule, ...] = (
-    Rule(_V + "embeddings.class_embedding", "vision.class_embedding"),
-    Rule(_V + "embeddings.patch_embedding.weight", "vision.patch_embedding.kernel", CONV),
-    Rule(_V + "embeddings.position_embedding.weight", "vision.position_embedding.embedding"),
-    Rule(_V + "<m>.weight", "vision.<m>.scale", None, ("pre_layrnorm", "post_layernorm")),
-    Rule(_V + "<m>.bias", "vision.<m>.bias", None, ("pre_layrnorm", "post_layernorm")),
-    Rule(_V + "encoder.layers.<i>.<m>.weight", "vision.layers.<i>.<m>.scale", None, ("layer_norm1", "layer_norm2")),
-    Rule(_V + "encoder.layers.<i>.<m>.bias", "vision.layers.<i>.<m>.bias", None, ("layer_norm1", "layer_norm2")),
-    Rule(_V + "encoder.layers.<i>.self_attn.<m>.weight", "vision.layers.<i>.self_attn.<m>.kernel", LINEAR,
-         ("q_proj", "k_proj", "v_proj", "out_proj")),
-    Rule(_V + "encoder.layers.<i>.self_attn.<m>.bias", "vision.layers.<i>.self_attn.<m>.bias", None,
-         ("q_proj", "k_proj", "v_proj", "out_proj")),
-    Rule(_V + "encoder.layers.<i>.mlp.<m>.weight", "vision.layers.<i>.mlp.<m>.kernel", LINEAR, ("fc1", "fc2")),
-    Rule(_V + "encoder.layers.<i>.mlp.<m>.bias", "vision.layers.<i>.mlp.<m>.bias", None, ("fc1", "fc2")),
+#: CLIP towers: (normal-form prefix, canonical prefix). Video-LLaVA has two (``image_tower``, ``video_tower``).
+TOWERS: tuple[tuple[str, str], ...] = ((_V, "vision."), ("image_tower.", "image_tower."),
+                                       ("video_tower.", "video_tower."))
+
+
+def _clip_rules(t: str, c: str) -> tuple[Rule, ...]:
+    return (
+        Rule(t + "embeddings.class_embedding", c + "class_embedding"),
+        Rule(t + "embeddings.patch_embedding.weight", c + "patch_embedding.kernel", CONV),
+        Rule(t + "embeddings.position_embedding.weight", c + "position_embedding.embedding"),
+        Rule(t + "<m>.weight", c + "<m>.scale", None, ("pre_layrnorm", "post_layernorm")),
+        Rule(t + "<m>.bias", c + "<m>.bias", None, ("pre_layrnorm", "post_layernorm")),
+        Rule(t + "encoder.layers.<i>.<m>.weight", c + "layers.<i>.<m>.scale", None, ("layer_norm1", "layer_norm2")),
+        Rule(t + "encoder.layers.<i>.<m>.bias", c + "layers.<i>.<m>.bias", None, ("layer_norm1", "layer_norm2")),
+        Rule(t + "encoder.layers.<i>.self_attn.<m>.weight", c + "layers.<i>.self_attn.<m>.kernel", LINEAR,
+             ("q_proj", "k_proj", "v_proj", "out_proj")),
+        Rule(t + "encoder.layers.<i>.self_attn.<m>.bias", c + "layers.<i>.self_attn.<m>.bias", None,
+             ("q_proj", "k_proj", "v_proj", "out_proj")),
+        Rule(t + "encoder.layers.<i>.mlp.<m>.weight", c + "layers.<i>.mlp.<m>.kernel", LINEAR, ("fc1", "fc2")),
+        Rule(t + "encoder.layers.<i>.mlp.<m>.bias", c + "layers.<i>.mlp.<m>.bias", None, ("fc1", "fc2")),
+    )
+
+
+RULES: tuple[Rule, ...] = tuple(r for t, c in TOWERS for r in _clip_rules(t, c)) + (
     Rule("multi_modal_projector.<m>.weight", "projector.<m>.kernel", LINEAR, ("linear_1", "linear_2")),
     Rule("multi_modal_projector.<m>.bias", "projector.<m>.bias", None, ("linear_1", "linear_2")),
     Rule(_L + "embed_tokens.weight", "language.embed_tokens.embedding"),
@@ -144,7 +154,7 @@ RULES: tuple[Rule, ...] = (
 IGNORED: tuple[re.Pattern, ...] = (
     re.compile(r"language_model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
     re.compile(r"language_model\.rotary_emb\.inv_freq"),
-    re.compile(r"vision_tower\.embeddings\.position_ids"),
+    re.compile(r"(vision|image|video)_tower\.embeddings\.position_ids"),
 )
 
 
@@ -157,8 +167,9 @@ def normalize_hf_key(key: str) -> str:
         k = _L + k[len("language_model.model."):]
     elif k.startswith("language_model.lm_head."):  # legacy LM head
         k = "lm_head." + k[len("language_model.lm_head."):]
-    if k.startswith(_V + "vision_model."):
-        k = _V + k[len(_V + "vision_model."):]
+    for t, _ in TOWERS:
+        if k.startswith(t + "vision_model."):
+            k = t + k[len(t + "vision_model."):]
     return k
 
 
@@ -207,8 +218,9 @@ def render_layout(normal: str, layout: Layout) -> str:
             return "language_model.model." + normal[len(_L):]
         if normal.startswith("lm_head."):
             return "language_model." + normal
-        if normal.startswith(_V):
-            return _V + "vision_model." + normal[len(_V):]
+        for t, _ in TOWERS:
+            if normal.startswith(t):
+                return t + "vision_model." + normal[len(t):]
         return normal
     if layout == "v5":
         return normal if normal.startswith("lm_head.") else "model." + normal
@@ -241,7 +253,9 @@ class Spelling:
 
 
 def _hf_spelling(name: str, decoder: str, head: str, tower: str, outer: str) -> Spelling:
-    return Spelling(name, ((_L, decoder), ("lm_head.", head), (_V, tower),
+    """``tower``: how the file spells the ``vision_tower.`` prefix; Video-LLaVA's towers are spelled alike."""
+    towers = tuple((t, tower.replace(_V, t)) for t, _ in TOWERS)
+    return Spelling(name, ((_L, decoder), ("lm_head.", head), *towers,
                            ("multi_modal_projector.", outer + "multi_modal_projector."),
                            ("image_newline", outer + "image_newline")))
 

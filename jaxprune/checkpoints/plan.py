@@ -90,13 +90,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _hf_layout(keys: list[str]) -> str:
-    legacy = any(k.startswith(("language_model.model.", "vision_tower.", "multi_modal_projector.")) for k in keys)
+    legacy = any(k.startswith(("language_model.model.", "vision_tower.", "image_tower.", "video_tower.",
+                               "multi_modal_projector.")) for k in keys)
     v5 = any(k.startswith("model.") for k in keys)
     if legacy and v5:
         return "hf-mixed"
     if v5:
-        flat = any(k.startswith("model.vision_tower.") and not k.startswith("model.vision_tower.vision_model.")
-                   for k in keys)
+        flat = any(k.startswith(f"model.{t}.") and not k.startswith(f"model.{t}.vision_model.")
+                   for k in keys for t in ("vision_tower", "image_tower", "video_tower"))
         return "hf-v5-flat-clip" if flat else "hf-v5"
     return "hf-legacy"
 

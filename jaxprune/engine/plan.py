@@ -21,7 +21,7 @@ from jaxprune.families.base import VisualInputs
 from jaxprune.inputs import InputError, bucket_length, check_text
 from jaxprune.reducers.base import STAGE_ORDER, BudgetError
 from jaxprune.reducers.compose import as_tuple
-from jaxprune.reducers.options import NextOptions, unwrap
+from jaxprune.reducers.options import OPTIONS, NextOptions, VideoOptions, unwrap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +49,17 @@ class Plan:
         return tuple(self.arrays["input_ids"].shape)
 
 
-def split_reducer(reducer) -> tuple[tuple, NextOptions | None]:
+def split_reducer(reducer) -> tuple[tuple, NextOptions | VideoOptions | None]:
     """``(flattened specs, options or None)``; validates stages and the options wrapper's place."""
     inner, opts = unwrap(reducer)
     reducers = as_tuple(inner)
     for r in reducers:
-        if isinstance(r, NextOptions):
-            raise ValueError("next_options() must wrap the whole reducer (compose inside it, not around it)")
+        if isinstance(r, OPTIONS):
+            raise ValueError(f"{r.stage}() must wrap the whole reducer (compose inside it, "
+                             "not around it)")
         if getattr(r, "stage", None) not in STAGE_ORDER:
             raise ValueError(f"unknown reducer stage {getattr(r, 'stage', None)!r} of {type(r).__name__}")
-    return reducers, (opts if isinstance(reducer, NextOptions) else None)
+    return reducers, (opts if isinstance(reducer, OPTIONS) else None)
 
 
 def _check_depth(cfg, reducers: tuple) -> None:
@@ -80,15 +81,24 @@ def validate_reducer(cfg, reducer, images_per_row: int = 1) -> None:
 
 
 def plan(model, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, reducer=None,
-         position_ids=None) -> Plan:
-    """Validate HF-style inputs (+ ``reducer``) for ``model`` and build the :class:`Plan` of the call."""
+         position_ids=None, pixel_values_videos=None) -> Plan:
+    """Validate HF-style inputs (+ ``reducer``) for ``model`` and build the :class:`Plan` of the call.
+
+    ``pixel_values_videos [B_v, frames, C, H, W]``: videos, for families that take them (Video-LLaVA); any other
+    family refuses the argument by name."""
     cfg = model.cfg
     fam = families.get(cfg.model_type)
     text = check_text(cfg, input_ids, attention_mask, position_ids)
     B, T = text.input_ids.shape
     tok = cfg.image_token_index
     visual = None
-    if pixel_values is None:
+    check_inputs = getattr(fam, "check_inputs", None)
+    if check_inputs is not None:  # a family with several placeholder kinds: it maps them onto ``tok`` spans
+        text, visual = check_inputs(cfg, text, pixel_values, pixel_values_videos, image_sizes)
+    elif pixel_values_videos is not None:
+        raise InputError(f"pixel_values_videos was given to a {cfg.model_type!r} model: the {fam.name} family "
+                         "takes no video (Video-LLaVA checkpoints, model_type 'video_llava', do)")
+    elif pixel_values is None:
         if text.image_tokens:
             raise InputError(f"input_ids contain {text.image_tokens} image tokens (id {tok}) but no pixel_values "
                              "were given")
@@ -113,7 +123,7 @@ def plan(model, input_ids, pixel_values=None, attention_mask=None, image_sizes=N
         reducers, opts = split_reducer(reducer)
         if visual is None:
             raise InputError("reducers act on visual tokens: pixel_values are required")
-        N = visual.pixel_values.shape[0]
+        N = len(visual.span_tokens)  # visual spans (images; Video-LLaVA: images or whole videos)
         if N % B:
             raise InputError(f"{N} images for {B} rows: reducers need the same number of images in every row")
         ipr = N // B

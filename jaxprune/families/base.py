@@ -12,6 +12,11 @@ A family turns its pixel inputs into **visual segments** and says where their to
   their validity, pool roles and source index. The engine places them (one placement for every family),
   runs the decoder with its in-LLM cuts, and decodes.
 
+A family with more than one kind of placeholder (Video-LLaVA: images and videos) also defines
+``check_inputs(cfg, text, pixel_values, pixel_values_videos, image_sizes) -> (text, VisualInputs | None)``: it
+validates every kind against its own placeholder id and returns the text with all placeholders mapped onto
+``image_token_index`` (the engine then sees one kind of span). A family without it refuses ``pixel_values_videos``.
+
 A family registers itself with :func:`register` (one line in its own file).
 """
 

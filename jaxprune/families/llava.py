@@ -20,7 +20,7 @@ from jaxprune.models.tower import clip_segment, cls_attention
 from jaxprune.families.base import TextToImage, VisualInputs, register
 from jaxprune.inputs import InputError, check_pixels
 from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext
-from jaxprune.reducers.options import NextOptions
+from jaxprune.reducers.options import OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,17 +38,87 @@ class LlavaStatic:
         return self.P
 
 
-def visual_budget(cfg, reducers: tuple) -> int:
-    """Visual tokens per image that reach the LLM after the pre-LLM reducers; validates every budget."""
-    n = cfg.tokens_per_image
-    full = cfg.vision_feature_select_strategy == "full"
+def visual_budget(cfg, reducers: tuple, full: bool | None = None) -> int:
+    """Visual tokens per image that reach the LLM after the pre-LLM reducers; validates every budget.
+    ``full``: the CLS stays a visual token (default: the config's select strategy is "full"; Video-LLaVA frames)."""
+    full = cfg.vision_feature_select_strategy == "full" if full is None else bool(full)
+    P = cfg.vision.num_patches
+    n = P + full
     for r in reducers:
         if r.stage == "vision":
-            patches = r.output_tokens(cfg.vision.num_patches if n == cfg.vision.num_patches + full else n - full)
+            patches = r.output_tokens(P if n == P + full else n - full)
             n = patches + full
         elif r.stage == "projector":
             n = r.output_tokens(n)
     return n
+
+
+def tower_stage(m, reducers: tuple, px: jax.Array, te, tv, *, kind: str = "image", full: bool | None = None):
+    """CLIP (the ``kind`` tower) with the vision-stage reducers cutting it, then the projector, on single-crop
+    images ``px [N, C, S, S]``. Returns the projector-stage state ``(feats [N, K, H], valid [N, K], src [N, K]
+    (patch index, -1 = CLS), vision_hidden [N, K, Dv], cls_attn [N, heads, K], keys [N, K, heads, hd])``;
+    ``full``: keep the CLS as a visual token (default: the config's select strategy)."""
+    cfg = m.cfg
+    full = cfg.vision_feature_select_strategy == "full" if full is None else bool(full)
+    grid = (cfg.vision.grid, cfg.vision.grid)
+    L = cfg.feature_layer_index
+    h = m.tower(kind).embed(px)  # [N, 1+P, Dv]
+    tvalid = None  # every token valid until a vision-stage reducer drops some
+    src = jnp.broadcast_to(jnp.arange(h.shape[1])[None], h.shape[:2])  # source index incl. CLS
+    done = 0
+    q = k = None
+    for r in (r for r in reducers if r.stage == "vision"):
+        cut = L if r.vision_layer is None else r.vision_layer
+        if not done < cut <= L:
+            raise BudgetError(f"{type(r).__name__}: vision_layer={cut} must be in ({done}, {L}] "
+                              f"(the feature layer is hidden_states[{L}])")
+        h, q, k = clip_segment(m, h, tvalid, done, cut, kind)
+        done = cut
+        vvalid = jnp.ones(h.shape[:2], bool) if tvalid is None else tvalid
+        red: Reduced = r(VisionContext(hidden=h, cls_attn=cls_attention(q, k, vvalid), keys=k, valid=vvalid,
+                                       text_embeds=te, text_valid=tv, grid=grid))
+        h, tvalid = red.tokens, red.valid
+        src = jnp.take_along_axis(src, red.index, axis=1)
+        q = jnp.take_along_axis(q, red.index[:, :, None, None], axis=1)
+        k = jnp.take_along_axis(k, red.index[:, :, None, None], axis=1)
+    if done < L:
+        h, q, k = clip_segment(m, h, tvalid, done, L, kind)
+    if tvalid is None:
+        tvalid = jnp.ones(h.shape[:2], bool)
+    cls_attn = cls_attention(q, k, tvalid)  # [N, heads, S]
+    if not full:  # drop CLS; signals stay aligned with the features
+        h, fvalid, fsrc, cls_attn, k = h[:, 1:], tvalid[:, 1:], src[:, 1:] - 1, cls_attn[:, :, 1:], k[:, 1:]
+    else:
+        fvalid, fsrc = tvalid, src - 1  # CLS itself has source -1
+    return m.projector(h), fvalid, fsrc, h, cls_attn, k
+
+
+def projector_stage(reducers: tuple, feats, fvalid, fsrc, vision_hidden, cls_attn, k, te, tv,
+                    t2i: TextToImage | None, grid: tuple[int, int]):
+    """The projector-stage reducers in order on the state :func:`tower_stage` returns (``src`` follows each
+    selection). Returns ``(feats [N, S, H], valid [N, S], src [N, S])``."""
+    for r in (r for r in reducers if r.stage == "projector"):
+        t2i_r = None
+        if getattr(r, "shallow_layers", 0):
+            t2i_r = t2i(feats, fvalid, r.shallow_layers, getattr(r, "query_rows", 32))
+        red = r(ProjectorContext(features=feats, valid=fvalid, vision_hidden=vision_hidden, cls_attn=cls_attn,
+                                 keys=k, text_embeds=te, text_valid=tv, text_to_image=t2i_r, grid=grid))
+        feats, fvalid = red.tokens, red.valid
+        fsrc = jnp.take_along_axis(fsrc, red.index, axis=1)
+        vision_hidden = jnp.take_along_axis(vision_hidden, red.index[..., None], axis=1)
+        cls_attn = jnp.take_along_axis(cls_attn, red.index[:, None, :], axis=2)
+        k = jnp.take_along_axis(k, red.index[:, :, None, None], axis=1)
+    return feats, fvalid, fsrc
+
+
+def encode_images(m, reducers: tuple, px: jax.Array, te, tv, t2i: TextToImage | None, *, kind: str = "image",
+                  full: bool | None = None):
+    """Single-crop images ``px [N, C, S, S]`` -> spans ``(tokens [N, S, H], valid [N, S], pool [N, S], kept
+    [N, S])`` (``kept``: source patch, -1 for CLS / empty slots): :func:`tower_stage` + :func:`projector_stage`."""
+    g = m.cfg.vision.grid
+    feats, fvalid, fsrc, vh, cls_attn, k = tower_stage(m, reducers, px, te, tv, kind=kind, full=full)
+    feats, fvalid, fsrc = projector_stage(reducers, feats, fvalid, fsrc, vh, cls_attn, k, te, tv, t2i, (g, g))
+    return feats, fvalid, jnp.ones(fvalid.shape, bool), jnp.where(fvalid, fsrc, -1)
 
 
 class LlavaFamily:
@@ -65,9 +135,9 @@ class LlavaFamily:
         return VisualInputs(pixel_values=px, span_tokens=np.full(px.shape[0], cfg.tokens_per_image, np.int64))
 
     def static(self, cfg, reducers: tuple, options, ipr: int, visual: VisualInputs) -> LlavaStatic:
-        if isinstance(options, NextOptions):
-            raise ValueError("next_options() applies to llava_next models; pass the bare reducer spec to a "
-                             "llava model")
+        if isinstance(options, OPTIONS):
+            raise ValueError(f"{options.stage}() applies to {'llava_next' if options.stage == 'next_options' else 'video_llava'}"
+                             " models; pass the bare reducer spec to a llava model")
         P = cfg.tokens_per_image
         if not reducers:
             return LlavaStatic(P=P, ipr=ipr, S=P, S_h=P, V=P)
@@ -82,51 +152,7 @@ class LlavaFamily:
                t2i: TextToImage | None):
         """Tower, vision/projector-stage reducers, projector: ``px [N, C, S, S]`` -> image spans
         ``(tokens [N, S, H], valid [N, S], pool [N, S], kept [N, S])`` (``kept``: source patch, -1 for CLS)."""
-        cfg = m.cfg
-        grid = (cfg.vision.grid, cfg.vision.grid)
-        L = cfg.feature_layer_index
-        h = m.vision.embed(px)  # [N, 1+P, Dv]
-        tvalid = None  # every token valid until a vision-stage reducer drops some
-        src = jnp.broadcast_to(jnp.arange(h.shape[1])[None], h.shape[:2])  # source index incl. CLS
-        done = 0
-        q = k = None
-        for r in (r for r in reducers if r.stage == "vision"):
-            cut = L if r.vision_layer is None else r.vision_layer
-            if not done < cut <= L:
-                raise BudgetError(f"{type(r).__name__}: vision_layer={cut} must be in ({done}, {L}] "
-                                  f"(the feature layer is hidden_states[{L}])")
-            h, q, k = clip_segment(m, h, tvalid, done, cut)
-            done = cut
-            vvalid = jnp.ones(h.shape[:2], bool) if tvalid is None else tvalid
-            red: Reduced = r(VisionContext(hidden=h, cls_attn=cls_attention(q, k, vvalid), keys=k, valid=vvalid,
-                                           text_embeds=te, text_valid=tv, grid=grid))
-            h, tvalid = red.tokens, red.valid
-            src = jnp.take_along_axis(src, red.index, axis=1)
-            q = jnp.take_along_axis(q, red.index[:, :, None, None], axis=1)
-            k = jnp.take_along_axis(k, red.index[:, :, None, None], axis=1)
-        if done < L:
-            h, q, k = clip_segment(m, h, tvalid, done, L)
-        if tvalid is None:
-            tvalid = jnp.ones(h.shape[:2], bool)
-        cls_attn = cls_attention(q, k, tvalid)  # [N, heads, S]
-        if cfg.vision_feature_select_strategy == "default":  # drop CLS; signals stay aligned with the features
-            h, fvalid, fsrc, cls_attn, k = h[:, 1:], tvalid[:, 1:], src[:, 1:] - 1, cls_attn[:, :, 1:], k[:, 1:]
-        else:
-            fvalid, fsrc = tvalid, src - 1  # CLS itself has source -1
-        vision_hidden = h
-        feats = m.projector(h)
-        for r in (r for r in reducers if r.stage == "projector"):
-            t2i_r = None
-            if getattr(r, "shallow_layers", 0):
-                t2i_r = t2i(feats, fvalid, r.shallow_layers, getattr(r, "query_rows", 32))
-            red = r(ProjectorContext(features=feats, valid=fvalid, vision_hidden=vision_hidden, cls_attn=cls_attn,
-                                     keys=k, text_embeds=te, text_valid=tv, text_to_image=t2i_r, grid=grid))
-            feats, fvalid = red.tokens, red.valid
-            fsrc = jnp.take_along_axis(fsrc, red.index, axis=1)
-            vision_hidden = jnp.take_along_axis(vision_hidden, red.index[..., None], axis=1)
-            cls_attn = jnp.take_along_axis(cls_attn, red.index[:, None, :], axis=2)
-            k = jnp.take_along_axis(k, red.index[:, :, None, None], axis=1)
-        return feats, fvalid, jnp.ones(fvalid.shape, bool), jnp.where(fvalid, fsrc, -1)
+        return encode_images(m, reducers, px, te, tv, t2i)
 
 
 FAMILY = register("llava", LlavaFamily())

@@ -562,6 +562,8 @@ class LlavaNextFamily:
                             image_sizes=np.asarray(image_sizes))
 
     def static(self, cfg, reducers: tuple, options, ipr: int, visual: VisualInputs) -> NextStatic:
+        if options is not None and not isinstance(options, NextOptions):
+            raise ValueError(f"{options.stage}() does not apply to llava_next models; use next_options()")
         opts = options if isinstance(options, NextOptions) else NextOptions(reducer=None)
         return build_static(cfg, reducers, opts, ipr)
 

@@ -38,7 +38,11 @@ class LlavaModule(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.cfg = cfg
         self.dtype = dtype
-        self.vision = CLIPVision(cfg.vision, rngs=rngs, **kw)
+        if cfg.model_type == "video_llava":  # two towers of one config (HF: image_tower, video_tower)
+            self.image_tower = CLIPVision(cfg.vision, rngs=rngs, **kw)
+            self.video_tower = CLIPVision(cfg.vision, rngs=rngs, **kw)
+        else:
+            self.vision = CLIPVision(cfg.vision, rngs=rngs, **kw)
         self.projector = Projector(cfg, rngs=rngs, **kw)
         self.language = LlamaModel(cfg.text, rngs=rngs, **kw)
         if not cfg.text.tie_word_embeddings:
@@ -51,13 +55,19 @@ class LlavaModule(nnx.Module):
                  ).astype(param_dtype))
 
     # ---- vision side ---------------------------------------------------------------------------
+    def tower(self, kind: str = "image") -> CLIPVision:
+        """The CLIP tower that encodes ``kind`` ("image" or "video"); one-tower families have one for both."""
+        if self.cfg.model_type == "video_llava":
+            return self.video_tower if kind == "video" else self.image_tower
+        return self.vision
+
     def vision_features(self, pixels: jax.Array, taps: tuple[int, ...] = ()
                         ) -> tuple[jax.Array, dict[int, VisionTap]]:
         """CLIP features at ``vision_feature_layer`` with the select strategy applied.
 
         ``pixels [N, C, S, S]`` -> ``([N, P, Dv], taps)`` with P = 576 for CLIP-L/336 ('default').
         """
-        h, tapped = self.vision(pixels, self.cfg.feature_layer_index, taps)
+        h, tapped = self.tower()(pixels, self.cfg.feature_layer_index, taps)
         if self.cfg.vision_feature_select_strategy == "default":
             h = h[:, 1:]
         return h, tapped
@@ -68,6 +78,8 @@ class LlavaModule(nnx.Module):
     # ---- text side -----------------------------------------------------------------------------
     def embed_text(self, input_ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, H]
         ids = jnp.where(input_ids == self.cfg.image_token_index, 0, input_ids)
+        if self.cfg.video_token_index is not None:
+            ids = jnp.where(ids == self.cfg.video_token_index, 0, ids)
         return self.language.embed_tokens(ids)
 
     def merge(self, input_ids: jax.Array, feats: jax.Array) -> jax.Array:

@@ -14,18 +14,31 @@ from __future__ import annotations
 from jaxprune.config import LlavaConfig
 
 
+def towers(cfg: LlavaConfig) -> tuple[str, ...]:
+    """The CLIP towers' parameter prefixes: ``("vision",)``; Video-LLaVA: ``("image_tower", "video_tower")``."""
+    return ("image_tower", "video_tower") if cfg.model_type == "video_llava" else ("vision",)
+
+
 def param_shapes(cfg: LlavaConfig) -> dict[str, tuple[int, ...]]:
-    v, t = cfg.vision, cfg.text
     out: dict[str, tuple[int, ...]] = {}
+    for tower in towers(cfg):
+        _clip_shapes(cfg, tower, out)
+    D = cfg.vision.hidden_size
+    _text_shapes(cfg, D, out)
+    return out
+
+
+def _clip_shapes(cfg: LlavaConfig, tower: str, out: dict) -> None:
+    v = cfg.vision
     D, p, C = v.hidden_size, v.patch_size, v.num_channels
-    out["vision.class_embedding"] = (D,)
-    out["vision.patch_embedding.kernel"] = (p, p, C, D)
-    out["vision.position_embedding.embedding"] = (v.num_patches + 1, D)
+    out[f"{tower}.class_embedding"] = (D,)
+    out[f"{tower}.patch_embedding.kernel"] = (p, p, C, D)
+    out[f"{tower}.position_embedding.embedding"] = (v.num_patches + 1, D)
     for n in ("pre_layrnorm", "post_layernorm"):
-        out[f"vision.{n}.scale"] = (D,)
-        out[f"vision.{n}.bias"] = (D,)
+        out[f"{tower}.{n}.scale"] = (D,)
+        out[f"{tower}.{n}.bias"] = (D,)
     for i in range(v.num_hidden_layers):
-        pre = f"vision.layers.{i}."
+        pre = f"{tower}.layers.{i}."
         for n in ("layer_norm1", "layer_norm2"):
             out[pre + n + ".scale"] = (D,)
             out[pre + n + ".bias"] = (D,)
@@ -37,6 +50,9 @@ def param_shapes(cfg: LlavaConfig) -> dict[str, tuple[int, ...]]:
         out[pre + "mlp.fc2.kernel"] = (v.intermediate_size, D)
         out[pre + "mlp.fc2.bias"] = (D,)
 
+
+def _text_shapes(cfg: LlavaConfig, D: int, out: dict) -> None:
+    t = cfg.text
     H = t.hidden_size
     out["projector.linear_1.kernel"] = (D, H)
     out["projector.linear_2.kernel"] = (H, H)
@@ -62,4 +78,3 @@ def param_shapes(cfg: LlavaConfig) -> dict[str, tuple[int, ...]]:
         out["lm_head.kernel"] = (H, t.vocab_size)
     if cfg.model_type == "llava_next":
         out["image_newline"] = (H,)
-    return out

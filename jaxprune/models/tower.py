@@ -13,11 +13,13 @@ from jaxprune.models.attention import attention_rows
 from jaxprune.models.llava import LlavaModule
 
 
-def clip_segment(m: LlavaModule, h: jax.Array, valid: jax.Array | None, start: int, stop: int):
-    """CLIP layers ``[start, stop)`` on ``h [N, S, D]`` with key mask ``valid [N, S]`` (None: every token).
+def clip_segment(m: LlavaModule, h: jax.Array, valid: jax.Array | None, start: int, stop: int,
+                 kind: str = "image"):
+    """CLIP layers ``[start, stop)`` on ``h [N, S, D]`` with key mask ``valid [N, S]`` (None: every token), in the
+    tower that encodes ``kind`` ("image" / "video": Video-LLaVA's two towers; one tower elsewhere).
 
     Returns ``(h, q, k)``: the hidden states and the last layer's queries / keys ``[N, S, heads, hd]``."""
-    return m.vision.run(h, start, stop, valid)
+    return m.tower(kind).run(h, start, stop, valid)
 
 
 def cls_attention(q: jax.Array, k: jax.Array, valid: jax.Array | None) -> jax.Array:

@@ -23,10 +23,10 @@ from jaxprune.reducers._core import (complement_indices, cosine_similarity, gath
 from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext
 from jaxprune.reducers.compose import Compose, compose
 from jaxprune.reducers.llm import LLMContext, LLMReduced
-from jaxprune.reducers.options import NextOptions, next_options
+from jaxprune.reducers.options import NextOptions, VideoOptions, next_options, video_options
 
 _FRAMEWORK = ["BudgetError", "Compose", "LLMContext", "LLMReduced", "NextOptions", "ProjectorContext", "Reduced",
-              "VisionContext", "compose", "next_options",
+              "VideoOptions", "VisionContext", "compose", "next_options", "video_options",
               "complement_indices", "cosine_similarity", "gather", "merge_into", "select_topk", "uniform_indices"]
 
 

@@ -383,10 +383,14 @@ register("adsc", lambda b, c: adsc_schedule(b, num_layers=c.text.num_hidden_laye
 @register("adsc_grid")
 def _adsc_grid(budget: int, cfg) -> Compose:
     """ADSC's 2-D stride on the patch grid: needs one square grid per image (LLaVA-1.5). A LLaVA-NeXT image is a
-    packed base crop + unpadded tile grid + newlines, which has no single grid: refused (use ``adsc``)."""
-    if getattr(cfg, "model_type", "llava") != "llava":
-        raise BudgetError(f"adsc_grid strides a square per-image patch grid; {cfg.model_type} images are packed "
-                          "anyres sequences with no single grid: use 'adsc' (raster stride) on this family")
+    packed base crop + unpadded tile grid + newlines, a Video-LLaVA video a sequence of frames (each with its
+    CLS) in the LLM: neither has a single grid, so both are refused (use ``adsc``)."""
+    mt = getattr(cfg, "model_type", "llava")
+    if mt != "llava":
+        what = ("videos are frame sequences (each frame's CLS + patches)" if mt == "video_llava"
+                else "images are packed anyres sequences")
+        raise BudgetError(f"adsc_grid strides a square per-image patch grid; {mt} {what} with no single grid: "
+                          "use 'adsc' (raster stride) on this family")
     return adsc_schedule(budget, num_layers=cfg.text.num_hidden_layers, total=visual_tokens(cfg), mode="grid")
 
 

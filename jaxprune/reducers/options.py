@@ -1,7 +1,8 @@
 """How a reducer spec spreads over a row's visual segments (images, anyres crops, video frames).
 
-:func:`next_options` wraps a spec (or a :func:`~jaxprune.reducers.compose.compose` chain) with the policy a
-multi-segment family applies it with; a bare spec gets the defaults. See :mod:`jaxprune.families.llava_next`
+:func:`next_options` (LLaVA-NeXT) and :func:`video_options` (Video-LLaVA) wrap a spec (or a
+:func:`~jaxprune.reducers.compose.compose` chain) with the policy a multi-segment family applies it with; a bare
+spec gets the defaults. See :mod:`jaxprune.families.llava_next`
 for what each field does on LLaVA-NeXT inputs.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 NEWLINES = ("prune", "keep", "drop")
 CROP_SPLITS = ("real", "fixed")
+FRAMES = ("per_frame", "global")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -46,8 +48,45 @@ def next_options(reducer, newlines: str = "prune", per_crop: bool = False, crop_
     return NextOptions(reducer=reducer, newlines=newlines, per_crop=per_crop, crop_split=crop_split)
 
 
-def unwrap(reducer) -> tuple[Any, NextOptions]:
-    """``(inner spec, options)``; a bare spec gets the default options."""
-    if isinstance(reducer, NextOptions):
+@dataclasses.dataclass(frozen=True)
+class VideoOptions:
+    """A reducer spec (or chain) plus how its budget spreads over a video's frames (Video-LLaVA, see
+    :mod:`jaxprune.families.video_llava`). The budget is always the *video's* tokens reaching the LLM.
+
+    * ``frames="per_frame"`` (default): every pre-LLM spec runs on each frame separately (``1 + P`` tokens, its own
+      CLS attention and ``(g, g)`` grid) with the spec's declared per-segment rule ``spec.per_segment(F)`` (a
+      ``budget`` field: ``budget // F`` per frame) -- what FasterVLM's Video-LLaVA code does (per-frame CLS).
+    * ``frames="global"``: projector-stage specs rank all ``F * (1 + P)`` tokens of the video at once (each token
+      with its own frame's CLS attention, keys and CLIP features; grid ``(1, F * (1 + P))``, so grid reducers
+      are refused); vision-stage specs are refused (they run inside the tower, one frame at a time).
+
+    In-LLM specs always select over the row's whole visual pool (one global ranking), whatever ``frames``."""
+
+    reducer: Any
+    frames: str = "per_frame"
+
+    def __post_init__(self):
+        if isinstance(self.reducer, (NextOptions, VideoOptions)):
+            raise ValueError("video_options() cannot wrap another options wrapper")
+        if self.frames not in FRAMES:
+            raise ValueError(f"video_options: frames={self.frames!r} unknown; expected one of {FRAMES}")
+
+    @property
+    def stage(self) -> str:
+        return "video_options"
+
+
+def video_options(reducer, frames: str = "per_frame") -> VideoOptions:
+    """How ``reducer``'s budget spreads over a video's frames: ``frames`` in per_frame | global (see
+    :class:`VideoOptions`)."""
+    return VideoOptions(reducer=reducer, frames=frames)
+
+
+OPTIONS = (NextOptions, VideoOptions)
+
+
+def unwrap(reducer) -> tuple[Any, NextOptions | VideoOptions]:
+    """``(inner spec, options)``; a bare spec gets the default (NeXT) options."""
+    if isinstance(reducer, OPTIONS):
         return reducer.reducer, reducer
     return reducer, NextOptions(reducer=reducer)
