@@ -54,7 +54,7 @@ def test_every_registered_reducer_on_llava_next(next_dir, tmp_path):
     from jaxprune.eval.cli import main
     from jaxprune.reducers import registry
 
-    names = [n for n in registry.names() if n != "adsc_grid"]  # adsc_grid: refused on NeXT (next test)
+    names = [n for n in registry.names("llava_next") if n != "adsc_grid"]  # adsc_grid: refused on NeXT (next test)
     flags = ["--model", str(next_dir), "--benchmark", "pope", "--data", str(FIX / "pope"), "--out", str(tmp_path),
              "--batch-size", "4", "--max-new-tokens", "3", "--no-progress", "--on-error", "stop"]
     for n in names:

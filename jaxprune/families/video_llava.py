@@ -30,6 +30,8 @@ declares:
   F * (1 + P))``: grid reducers such as ``pool`` are refused); vision-stage specs are refused (they act inside the
   tower, one frame at a time).
 * in-LLM specs (FastV, DART, PyramidDrop, ...) rank the row's whole visual pool (all frames) whatever ``frames``.
+* temporal specs (``temporal = True``: :mod:`jaxprune.reducers.dycoke`) see the whole video by construction: a
+  chain holding one runs in global mode, with the temporal spec last among the pre-LLM specs.
 
 **The CLS of each frame** is a video token in Video-LLaVA, so it is a candidate like any patch: projector-stage
 reducers may keep or drop it (its CLS attention is its attention to itself, its grid position none: grid-based
@@ -99,7 +101,13 @@ def build_static(cfg, reducers: tuple, options, ipr: int, kind: str, n_images: i
     F = cfg.num_frames if frames is None else frames
     P_i, P_f = cfg.tokens_per_image, cfg.tokens_per_frame
     pre = tuple(r for r in reducers if r.stage in ("vision", "projector"))
-    base = dict(kind=kind, n_images=n_images, frames=F, P_i=P_i, P_f=P_f, ipr=ipr, frames_mode=opts.frames)
+    temporal = [i for i, r in enumerate(pre) if getattr(r, "temporal", False)]
+    if temporal and kind != "video":
+        raise InputError(f"{type(pre[temporal[0]]).__name__} merges across video frames: it needs video rows only")
+    if temporal and temporal[-1] != len(pre) - 1 or len(temporal) > 1:
+        raise BudgetError("a temporal reducer (DyCoke) must be the last pre-LLM reducer of the chain")
+    mode = "global" if temporal else opts.frames  # a temporal spec sees the whole video by construction
+    base = dict(kind=kind, n_images=n_images, frames=F, P_i=P_i, P_f=P_f, ipr=ipr, frames_mode=mode)
     if kind == "mixed" and reducers:
         raise InputError("reducers on video_llava need a batch of one visual kind (only images or only videos); "
                          "this batch has both: run images and videos in separate calls")
@@ -109,7 +117,7 @@ def build_static(cfg, reducers: tuple, options, ipr: int, kind: str, n_images: i
             raise ValueError("video_options() applies to video rows; this batch holds images only")
         S = visual_budget(cfg, reducers) if kind == "image" else S_full
         specs = pre
-    elif opts.frames == "per_frame":
+    elif mode == "per_frame":
         S_full = F * P_f
         specs = tuple(r.per_segment(F) for r in pre)
         S = F * visual_budget(cfg, specs, full=True)

@@ -40,28 +40,36 @@ from jaxprune.reducers.base import BudgetError
 Factory = Callable[[int, Any], Any]  # (budget, LlavaConfig) -> spec
 
 _FACTORIES: dict[str, Factory] = {}
+_MODEL_TYPES: dict[str, tuple[str, ...]] = {}  # name -> the only model types it applies to (absent: every one)
 
 
-def register(name: str, factory: Factory | None = None):
+def register(name: str, factory: Factory | None = None, model_types: tuple[str, ...] | None = None):
     """Add a reducer under ``name``: ``register(name, factory)``, or ``@register(name)`` on a
     ``factory(budget, cfg) -> spec`` function (returned unchanged). A later registration of the same name
-    replaces the earlier one (experiments register variants at run time)."""
+    replaces the earlier one (experiments register variants at run time). ``model_types``: the only families
+    the method applies to (DyCoke: ``("video_llava",)``); its factory refuses the others by name, and
+    ``names(model_type)`` leaves it out for them."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"reducer name must be a non-empty str, got {name!r}")
     if factory is None:
         def decorator(f: Factory) -> Factory:
-            register(name, f)
+            register(name, f, model_types)
             return f
 
         return decorator
     if not callable(factory):
         raise TypeError(f"factory for {name!r} must be callable as factory(budget, cfg), got {factory!r}")
     _FACTORIES[name] = factory
+    if model_types is None:
+        _MODEL_TYPES.pop(name, None)
+    else:
+        _MODEL_TYPES[name] = tuple(model_types)
     return factory
 
 
-def names() -> list[str]:
-    return sorted(_FACTORIES)
+def names(model_type: str | None = None) -> list[str]:
+    """Every registered name; with ``model_type``, only those that apply to that family."""
+    return sorted(n for n in _FACTORIES if model_type is None or model_type in _MODEL_TYPES.get(n, (model_type,)))
 
 
 def make(name: str, budget: int, cfg):
