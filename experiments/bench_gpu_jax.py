@@ -1,13 +1,16 @@
-"""The jaxprune side of :mod:`experiments.bench_gpu`: a worker that measures rows of one model.
+"""The jaxprune side of :mod:`experiments.bench_gpu`: prepared rows (blocking callables + static facts) and a
+worker that measures them alone.
 
-A row = (model, batch, reducer, budget). The model is built once per worker with random weights initialised
-on the device (:func:`jaxprune.sharding.random_model`: one jitted init program, nothing on the host) in the
-benchmark dtype; inputs are the ``bench_forward`` / ``bench_next`` prompts (35 text tokens, one image, 40 text
-tokens; NeXT: a square 672 px image, 5 crops). Each row runs exactly the jitted programs ``Llava.generate``
-runs (``model.programs.prefill`` on the row's ``model.plan(...)``, then ``model.programs.decode``) and
-records what :mod:`experiments.bench_gpu` documents (TTFT, decode, KV bytes, XLA-plan peak memory, analytic
-FLOPs, per-layer sequence lengths). Results are appended to a JSON-lines file: ``{"start": key}`` before a row,
-the row's record after it (with ``error`` if it failed), so a crash loses at most the row in flight.
+A row = (model, batch, reducer, budget). The model is built once per process with random weights initialised on
+the device (:func:`jaxprune.sharding.random_model`: one jitted init program, nothing on the host) in the benchmark
+dtype; inputs are the ``bench_forward`` / ``bench_next`` prompts (35 text tokens, one image, 40 text tokens; NeXT:
+a square 672 px image, 5 crops). :meth:`JaxSide.prepare` compiles the row's programs ahead of time
+(``model.programs.prefill`` on the row's ``model.plan(...)``, and ``model.programs.decode`` at each decode
+length: exactly what ``Llava.generate`` runs), timing ``lower`` and ``compile`` apart and reading the XLA cost
+and memory analysis of the prefill; the timed callables call those compiled executables (no compile, no
+dispatch-cache lookup in a timed call). :func:`measure_alone` times them with :mod:`experiments.timing` (the
+full model's prefill in the same ABBA rounds as a reducer row's). :mod:`experiments.bench_gpu_pair` times them in
+the same rounds as the transformers side instead.
 
     python -m experiments.bench_gpu_jax --plan PLAN.json --out ROWS.jsonl   # normally started by bench_gpu
 """
@@ -18,14 +21,14 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import resource
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from experiments.bench_common import timeit_paired
+from experiments import timing as T
 from experiments.bench_gpu_setup import PREFIX, QUESTION, device_peaks, model_config
 from jaxprune.config import LlavaConfig
 
@@ -127,118 +130,197 @@ def analytic(cfg: LlavaConfig, spec, seqs: list[int], full_seq: int) -> dict:
             "flops_per_row": pc.vision + pc.projector + llm + shallow, "decode_weight_params": w}
 
 
-def jax_worker(settings: dict, rows: list[dict], out: Path) -> None:
-    import jax
-    import jax.numpy as jnp
+def lengths_for(settings: dict, row: dict) -> list[int]:
+    """Decode lengths of a row (none when the plan's ``decode`` setting skips its decode)."""
+    mode = settings.get("decode", "all")
+    if mode == "none" or (mode == "full" and row["reducer"] != "full") or (
+            mode == "full-b1" and (row["reducer"] != "full" or row["batch"] != 1)):
+        return []
+    return T.decode_lengths(settings["new_tokens"], settings.get("decode_points", 3))
 
-    from experiments.bench_common import timeit
-    from jaxprune import sharding
 
-    def emit(rec):
-        with open(out, "a") as f:
-            f.write(json.dumps(rec, default=str) + "\n")
+class JaxSide:
+    """One process's jaxprune side: the device, the dtype, the attention routing, one model at a time."""
 
-    dev, dtype = jax.devices()[0], jnp.dtype(settings["dtype"])
-    impl = settings["attention"]
-    if impl == "auto":
-        impl = "cudnn" if dev.platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "default"
-    if impl != "default":
-        route_attention(impl)
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    emit({"env": {"platform": dev.platform, "device_kind": dev.device_kind, "jax": jax.__version__,
-                  "devices": jax.device_count(), "attention": impl, "dtype": str(dtype), "memory_stats": bool(stats),
-                  **device_peaks(dev.platform, dev.device_kind)}})
-    new, reps = settings["new_tokens"], settings["repeats"]
-    models, inputs, full_prefill = {}, {}, {}
+    def __init__(self, settings: dict, emit=None):
+        import jax
+        import jax.numpy as jnp
+
+        self.settings, self.jax = settings, jax
+        cache = os.environ.get("JAXPRUNE_BENCH_COMPILE_CACHE")
+        if cache:  # XLA executables kept on disk: a rerun on the same machine skips its compiles
+            jax.config.update("jax_compilation_cache_dir", cache)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        self.dev, self.dtype = jax.devices()[0], jnp.dtype(settings["dtype"])
+        impl = settings["attention"]
+        if impl == "auto":
+            impl = "cudnn" if self.dev.platform == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16) else "default"
+        self.impl = impl
+        if impl != "default":
+            route_attention(impl)
+        self.stats = self.dev.memory_stats() if hasattr(self.dev, "memory_stats") else None
+        self.env = {"platform": self.dev.platform, "device_kind": self.dev.device_kind, "jax": jax.__version__,
+                    "devices": jax.device_count(), "attention": impl, "dtype": str(self.dtype),
+                    "memory_stats": bool(self.stats), **device_peaks(self.dev.platform, self.dev.device_kind)}
+        self.models, self.inputs = {}, {}
+        if emit:
+            emit({"env": self.env})
+
+    def model(self, m: str, rec: dict):
+        from jaxprune import sharding
+
+        if m not in self.models:
+            self.models.clear()
+            self.inputs.clear()
+            cfg = model_config(m, self.settings["size"])
+            t0 = time.perf_counter()
+            self.models[m] = sharding.random_model(cfg, None, seed=0, dtype=self.dtype)  # initialised on device
+            self.jax.block_until_ready(self.models[m].params)
+            rec["init_s"] = time.perf_counter() - t0
+        return self.models[m]
+
+    def prepare(self, row: dict, rec: dict) -> dict:
+        """Compile the row's programs; returns ``{"ttft": fn, "decode": {n: fn}, "meta": {...}}``."""
+        jax = self.jax
+        m = row["model"]
+        model = self.model(m, rec)
+        cfg = model.cfg
+        if (m, row["batch"]) not in self.inputs:
+            self.inputs.clear()
+            self.inputs[(m, row["batch"])] = make_inputs(m, cfg, row["batch"])
+        inp = self.inputs[(m, row["batch"])]
+        spec = None if row["reducer"] == "full" else reducer_spec(m, row["reducer"], row["tokens"], cfg,
+                                                                inp["n_visual"])
+        fn, args, kw, text_slots = prefill_call(model, spec, inp)
+        new = self.settings["new_tokens"]
+        lengths = lengths_for(self.settings, row)
+        fb = _ATTN["fallbacks"]
+        comp = T.compile_seconds(fn, *args, **kw, max_new_tokens=new + 1)
+        exe = comp["compiled"]
+        meta = {"spec": repr(spec), "prefill_lower_s": comp["lower_s"], "prefill_compile_s": comp["compile_s"],
+                **{f"prefill_{k}": v for k, v in T.xla_analysis(exe).items()}}
+        meta["plan_peak_bytes"] = meta.pop("prefill_plan_peak_bytes")
+        state = jax.block_until_ready(exe(*args))
+
+        def ttft():
+            jax.block_until_ready(exe(*args).first_logits)
+
+        decode, dcomp = {}, {}
+        for n in lengths:
+            c = T.compile_seconds(model.programs.decode, model.params, state, max_new_tokens=n, eos_ids=(), pad_id=0)
+            dcomp[n] = c["compile_s"] + c["lower_s"]
+            decode[n] = lambda e=c["compiled"]: jax.block_until_ready(e(model.params, state))
+        B = int(args[1]["input_ids"].shape[0])
+        seqs = [int(c.capacity) - (new + 1) for c in state.caches]
+        meta.update(seq=seqs[0], seqs=seqs, text_slots=int(text_slots), kv_bytes=int(state.kv_bytes),
+                    attention_fallbacks=_ATTN["fallbacks"] - fb, decode_compile_s=dcomp, decode_lengths=lengths,
+                    avg_visual_tokens=sum(s - text_slots for s in seqs) / len(seqs), batch_rows=B)
+        meta.update(analytic(cfg, spec, seqs, int(inp["ids"].shape[1])))
+        meta["flops_total"] = B * meta["flops_per_row"]
+        meta["decode_bytes_per_step"] = meta["decode_weight_params"] * model.dtype.itemsize + meta["kv_bytes"]
+        return {"ttft": ttft, "decode": decode, "meta": meta}
+
+    def memory(self) -> dict:
+        if self.stats:  # lifetime peak of the device allocator (monotone over the process)
+            s = self.dev.memory_stats()
+            return {"device_peak_bytes": s.get("peak_bytes_in_use"), "device_in_use_bytes": s.get("bytes_in_use")}
+        return {"host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # CPU: peak RSS
+
+    def attention_label(self) -> str:
+        return _ATTN["impl"] or "default"
+
+    def after_error(self, attempt: str, rec: dict) -> bool:
+        """After a failed row: retry it once on XLA attention if cuDNN was in use (True = retry)."""
+        if _ATTN["impl"] != "cudnn" or attempt != "first":
+            return False
+        rec["cudnn_error"], _ATTN["impl"] = rec.pop("error"), "xla"
+        self.jax.clear_caches()
+        return True
+
+    def reset_attention(self) -> None:
+        _ATTN["impl"] = None if self.impl == "default" else self.impl
+
+
+def fill_decode(rec: dict, prefix: str, res, lengths, key=lambda n: n) -> None:
+    """Decode fit of ``res`` (an :class:`experiments.timing.Interleaved`) into ``rec`` under ``prefix``."""
+    if not lengths:
+        rec[f"{prefix}decode_s_per_tok"], rec[f"{prefix}decode_fit"] = None, None
+        return
+    fit = T.fit_decode({n: res[key(n)].samples for n in lengths})
+    rec[f"{prefix}decode_fit"] = fit.to_dict()
+    rec[f"{prefix}decode_s_per_tok"] = fit.per_token_s
+    rec[f"{prefix}decode_first_s"] = {n: res[key(n)].first_s for n in lengths}
+
+
+def measure_alone(prep: dict, repeats: int, baseline=None) -> dict:
+    """Time a prepared row alone (``baseline``: the full model's prefill, timed in the same ABBA rounds)."""
+    fns = {"ttft": prep["ttft"]}
+    if baseline is not None:
+        fns["full"] = baseline
+    fns.update({("decode", n): f for n, f in prep["decode"].items()})
+    res = T.interleaved(fns, repeats)
+    rec = {"ttft_s": res["ttft"].median, "ttft": res["ttft"].to_dict(), "first_call_s": res["ttft"].first_s}
+    if baseline is not None:
+        sp = res.ratio("full", "ttft")
+        rec.update(paired_speedup=sp.median, paired_speedup_stats=sp.to_dict(),
+                   full_ttft_paired_s=res["full"].median)
+    fill_decode(rec, "", res, list(prep["decode"]), key=lambda n: ("decode", n))
+    dec = rec["decode_s_per_tok"]
+    rec["tokens_per_s"] = prep["meta"]["batch_rows"] / dec if dec else None
+    return rec
+
+
+def run_rows(side, rows: list[dict], emit, measure_row, deadline: float | None = None) -> None:
+    """The row loop shared by the workers: ``{"start": key}`` before a row, its record after (with ``error`` if it
+    failed, one XLA-attention retry after a cuDNN failure); rows past ``deadline`` (``time.time()``) are recorded
+    as skipped."""
     for row in rows:
+        if deadline is not None and time.time() > deadline:
+            emit({"key": row["key"], "skipped": "time budget (--deadline) spent before this row"})
+            continue
         emit({"start": row["key"]})
-        rec, m = {"key": row["key"]}, row["model"]
+        rec = {"key": row["key"]}
         for attempt in ("first", "xla retry"):
             try:
-                if m not in models:
-                    models.clear()
-                    full_prefill.clear()
-                    cfg = model_config(m, settings["size"])
-                    t0 = time.perf_counter()
-                    models[m] = sharding.random_model(cfg, None, seed=0, dtype=dtype)  # initialised on device
-                    jax.block_until_ready(models[m].params)
-                    rec["init_s"] = time.perf_counter() - t0
-                model, cfg = models[m], models[m].cfg
-                if (m, row["batch"]) not in inputs:
-                    inputs.clear()
-                    full_prefill.clear()
-                    inputs[(m, row["batch"])] = make_inputs(m, cfg, row["batch"])
-                inp = inputs[(m, row["batch"])]
-                spec = None if row["reducer"] == "full" else reducer_spec(m, row["reducer"], row["tokens"], cfg,
-                                                                        inp["n_visual"])
-                res = measure(model, spec, inp, new, reps, timeit, full_prefill.get((m, row["batch"])))
-                if spec is None:
-                    full_prefill[(m, row["batch"])] = res["prefill"]
-                rec.update({k: v for k, v in res.items() if k != "prefill"})
-                rec["spec"] = repr(spec)
+                rec.update(measure_row(row, rec))
+                rec.pop("error", None)
                 break
             except Exception as e:  # noqa: BLE001 - recorded; the run goes on
                 traceback.print_exc()
                 rec["error"] = f"{type(e).__name__}: {str(e)[:600]}"
-                if _ATTN["impl"] != "cudnn" or attempt != "first":
+                if not side.after_error(attempt, rec):
                     break
-                rec["cudnn_error"], _ATTN["impl"] = rec.pop("error"), "xla"  # retry this row on XLA attention
-                jax.clear_caches()
-        rec["attention"], _ATTN["impl"] = _ATTN["impl"] or "default", None if impl == "default" else impl
-        if stats:  # lifetime peak of the device allocator (monotone over the worker)
-            s = dev.memory_stats()
-            rec["device_peak_bytes"], rec["device_in_use_bytes"] = s.get("peak_bytes_in_use"), s.get("bytes_in_use")
-        else:  # CPU: the worker process's peak resident set (lifetime), labelled as such in the report
-            rec["host_rss_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rec["attention"] = side.attention_label()
+        side.reset_attention()
+        rec.update(side.memory())
         emit(rec)
-        print(json.dumps({k: v for k, v in rec.items() if k != "spec"}, default=str), flush=True)
+        print(json.dumps({k: v for k, v in rec.items() if k not in ("spec", "ttft", "decode_fit", "ttft_vs_hf_stats")},
+                         default=str)[:600], flush=True)
 
 
-def measure(model, spec, inp, new: int, repeats: int, timeit, baseline=None) -> dict:
-    """One row's figures; ``baseline`` (the full model's prefill at this batch) makes the TTFT timing paired."""
-    import jax
+def emitter(out: Path):
+    def emit(rec):
+        with open(out, "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+    return emit
 
-    from jaxprune import engine
 
-    fn, args, kw, text_slots = prefill_call(model, spec, inp)
-    fb = _ATTN["fallbacks"]
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(fn(*args, **kw, max_new_tokens=new + 1))
-    out = {"first_call_s": time.perf_counter() - t0}
+def jax_worker(settings: dict, rows: list[dict], out: Path, deadline: float | None = None) -> None:
+    """Measure ``rows`` alone (the transformers side runs in its own process: :mod:`experiments.bench_gpu_torch`)."""
+    emit = emitter(out)
+    side = JaxSide(settings, emit)
+    full = {}
 
-    def prefill():
-        return jax.block_until_ready(fn(*args, **kw, max_new_tokens=new + 1).first_logits)
+    def measure_row(row, rec):
+        prep = side.prepare(row, rec)
+        key = (row["model"], row["batch"])
+        r = measure_alone(prep, settings["repeats"], None if row["reducer"] == "full" else full.get(key))
+        if row["reducer"] == "full":
+            full.clear()
+            full[key] = prep["ttft"]
+        return {**prep["meta"], **r}
 
-    if baseline is None:
-        out["ttft_s"] = timeit(prefill, repeats)
-    else:  # interleaved with the full model's prefill: a speedup that machine-load drift cannot fake
-        tf, tr = timeit_paired(baseline, prefill, repeats)
-        out["ttft_s"], out["full_ttft_paired_s"] = statistics.median(tr), statistics.median(tf)
-        out["paired_speedup"] = statistics.median(a / b for a, b in zip(tf, tr))
-    out["prefill"] = prefill
-
-    def dec(k):
-        return lambda: jax.block_until_ready(engine.decode(model, state, k, eos_ids=(), pad_id=0))
-
-    t1, tn = timeit(dec(1), repeats), timeit(dec(new + 1), repeats)
-    B = int(args[1]["input_ids"].shape[0])
-    seqs = [int(c.capacity) - (new + 1) for c in state.caches]
-    out.update(seq=seqs[0], seqs=seqs, text_slots=int(text_slots), kv_bytes=int(state.kv_bytes),
-               decode_s_per_tok=(tn - t1) / new, attention_fallbacks=_ATTN["fallbacks"] - fb,
-               avg_visual_tokens=sum(s - text_slots for s in seqs) / len(seqs))
-    out["tokens_per_s"] = B / out["decode_s_per_tok"] if out["decode_s_per_tok"] > 0 else None
-    full_seq = int(inp["ids"].shape[1])
-    out.update(analytic(model.cfg, spec, seqs, full_seq))
-    out["flops_total"] = B * out["flops_per_row"]
-    out["decode_bytes_per_step"] = out["decode_weight_params"] * model.dtype.itemsize + out["kv_bytes"]
-    try:
-        ma = fn.lower(*args, **kw, max_new_tokens=new + 1).compile().memory_analysis()
-        out["plan_peak_bytes"] = int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-                                     - ma.alias_size_in_bytes)
-    except Exception as e:  # noqa: BLE001 - "an aid for manual inspection", may be missing on a backend
-        out["plan_peak_bytes"] = None
-        out["plan_peak_error"] = str(e)[:200]
-    return out
+    run_rows(side, rows, emit, measure_row, deadline)
 
 
 def main(argv=None) -> int:
@@ -247,7 +329,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON-lines file to append to")
     a = ap.parse_args(argv)
     plan = json.loads(Path(a.plan).read_text())
-    jax_worker(plan["settings"], plan["rows"], Path(a.out))
+    jax_worker(plan["settings"], plan["rows"], Path(a.out), plan.get("deadline"))
     return 0
 
 

@@ -78,7 +78,9 @@ def test_end_to_end_tiny(tmp_path):
     md = (tmp_path / "gpu_tiny.md").read_text()
     js = json.loads((tmp_path / "gpu_tiny.json").read_text())
     assert all(w["rc"] == 0 for w in data["workers"]), data["workers"]
-    assert len(data["workers"]) == 4  # jax + transformers, per model
+    # CPU: one paired worker per model (jaxprune + transformers in the same ABBA rounds); the unpaired
+    # jax-then-transformers workers (4) are the GPU mode, test_workers_mode_tiny
+    assert len(data["workers"]) == 2 and data["settings"]["pairing"] == "process"
     rows = js["rows"]
     assert [(r["model"], r["reducer"]) for r in rows] == [
         ("llava15", "full"), ("llava15", "fastv"), ("llava15", "visionzip"),
@@ -87,6 +89,8 @@ def test_end_to_end_tiny(tmp_path):
         assert "error" not in r, r
         assert r["ttft_s"] > 0 and r["kv_bytes"] > 0 and r["flops_total"] > 0 and r["plan_peak_bytes"] > 0
         assert r["hf_ttft_s"] > 0 and r["ttft_vs_hf"] > 0, r
+        assert r["ttft_vs_hf"] == r["ttft_vs_hf_stats"]["median"]  # median of per-round (paired) ratios
+        assert r["prefill_compile_s"] > 0 and r["ttft"]["stats"]["n"] == data["settings"]["repeats"]
         assert r["mfu"] is None and r["decode_bw_frac"] is None  # CPU: no peaks
         if r["reducer"] != "full":
             assert r["kv_bytes"] < rows[0 if r["model"] == "llava15" else 3]["kv_bytes"]
@@ -112,3 +116,28 @@ def test_crashed_row_is_recorded_and_skipped(tmp_path):
     assert got[rows[0]["key"]]["ttft_s"] == 1.0
     assert got[rows[1]["key"]]["error"].startswith("worker crashed in this row: Killed")
     assert len(log) == 1  # no worker was started
+
+
+def test_workers_mode_tiny(tmp_path):
+    """The GPU mode on CPU: a jaxprune worker then a transformers worker, rows and report under --out-dir, decode
+    timed on the full rows only (--decode full)."""
+    data = bench_gpu.main(["--tiny", "--model", "llava15", "--batch", "1", "--reducers", "fastv", "--budgets", "64",
+                           "--pairing", "workers", "--decode", "full", "--out-dir", str(tmp_path)])
+    assert [w["worker"] for w in data["workers"]] == ["jax:llava15", "torch:llava15"]
+    assert all(w["rc"] == 0 for w in data["workers"]), data["workers"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["gpu_cpu_tiny.json", "gpu_cpu_tiny.md", "jax_llava15.jsonl", "torch_llava15.jsonl"]
+    full, fastv = data["rows"]
+    assert full["decode_lengths"] and full["decode_fit"]["lengths"] == full["decode_lengths"]
+    assert fastv["decode_lengths"] == [] and fastv["decode_s_per_tok"] is None
+    assert fastv["paired_speedup_stats"]["n"] == data["settings"]["repeats"]
+    assert "ttft_vs_hf_stats" not in full and full["ttft_vs_hf"] == pytest.approx(full["ttft_s"] / full["hf_ttft_s"])
+
+
+def test_deadline_skips_rows(tmp_path):
+    """Past --deadline a worker records its rows as skipped (and the report says so) instead of starting them."""
+    data = bench_gpu.main(["--tiny", "--model", "llava15", "--batch", "1", "--reducers", "fastv", "--budgets", "64",
+                           "--pairing", "workers", "--no-torch", "--inprocess", "--deadline", "0",
+                           "--out-dir", str(tmp_path)])
+    assert all("skipped" in r and "ttft_s" not in r for r in data["rows"])
+    assert "skipped: time budget" in (tmp_path / "gpu_cpu_tiny.md").read_text()
