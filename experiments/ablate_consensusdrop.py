@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments import timing as T
 from experiments.bench_common import (
     git_rev,
     jax_device,
@@ -149,16 +150,11 @@ class Timing(NamedTuple):
 
 
 def timeit(fn, repeats: int) -> Timing:
-    """Wall (best of ``repeats``) and CPU (median) time of ``fn()`` after one warm-up. The CPU here is shared
-    with other jobs: wall-clock minima still carry their noise, CPU time measures the work itself."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return Timing(1e3 * min(walls), 1e3 * float(np.median(cpus)))
+    """Wall (best of ``repeats``) and CPU (median) time of ``fn()`` after one warm-up
+    (:func:`experiments.timing.measure`). The CPU here is shared with other jobs: wall-clock minima still carry
+    their noise, CPU time measures the work itself."""
+    t = T.measure(fn, repeats)
+    return Timing(1e3 * min(t.samples), 1e3 * float(np.median(t.cpu_samples)))
 
 
 def kl_top1(full: np.ndarray, pruned: np.ndarray) -> tuple[float, float]:

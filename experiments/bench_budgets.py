@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import traceback
 
 import jax

@@ -1,15 +1,13 @@
-"""Shared pieces of the CPU/GPU benchmarks: configs, machine description, timing, markdown tables."""
+"""Shared pieces of the CPU/GPU benchmarks: configs, machine description, markdown tables (timing: the one
+method in :mod:`experiments.timing`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable
 
 from jaxprune.config import LlavaConfig, TextConfig, VisionConfig
 
@@ -60,35 +58,6 @@ def jax_device() -> str:
 
     d = jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', '')} (jax {jax.__version__})"
-
-
-def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time in seconds of ``fn()`` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def timeit_paired(fa: Callable[[], object], fb: Callable[[], object], repeats: int = 5, warmup: int = 1
-                  ) -> tuple[list[float], list[float]]:
-    """Wall times of ``fa()`` and ``fb()`` measured in interleaved pairs (order alternating ABBA...), so that
-    both see the same machine load: on a shared machine compare ``median(a_i / b_i)``, not medians taken
-    minutes apart."""
-    for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
-    for i in range(repeats):
-        for f, ts in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-    return ta, tb
 
 
 def git_rev() -> str:
