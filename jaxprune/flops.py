@@ -105,7 +105,8 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
     LLaVA-NeXT (``cfg.model_type == "llava_next"``): ``crops`` real crops per image (default: the pinpoints'
     maximum) and ``image_tokens`` placeholders per image (its HF count; default: the maximum). The unreduced
     model runs the image's real tokens; with a reducer the decoder runs the static span of the family's layout
-    (:mod:`jaxprune.families.llava_next`: ``S`` slots per image, unused ones masked but computed)."""
+    (:mod:`jaxprune.families.llava_next`: ``S`` slots per image, unused ones masked but computed).
+    Video-LLaVA: ``images`` counts videos of ``cfg.num_frames`` frames (the layout budgets count against)."""
     from jaxprune import families
     from jaxprune.engine.cuts import check_llm_reducers
     from jaxprune.engine.plan import split_reducer
@@ -128,6 +129,12 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
             span, pool = st.S, st.V
         else:
             span = pool = st.S_full if image_tokens is None else int(image_tokens)
+    elif cfg.model_type == "video_llava":  # ``images`` = videos of ``cfg.num_frames`` frames (CLS kept per frame)
+        F = st.frames
+        vision_one, s = _tower(cfg, st.specs if st.frames_mode == "per_frame" else ())
+        vision = F * vision_one
+        projector = F * 2 * s * (v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size ** 2)
+        span, pool = (st.S, st.V) if reducers else (st.S_full, st.S_full)
     else:
         vision, s = _tower(cfg, reducers)
         per_image_proj = s - (0 if full else 1)

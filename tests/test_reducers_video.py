@@ -131,3 +131,11 @@ def test_generate_and_refusals():
         model()(ids, attention_mask=mask, pixel_values_videos=pv, reducer=R.next_options(R.fastervlm(8)))
     with pytest.raises(ValueError, match="frames"):
         R.video_options(R.fastervlm(8), frames="sometimes")
+
+
+def test_prefill_cost_counts_the_video():
+    from jaxprune import flops
+
+    full, red = flops.prefill_cost(CFG, None, text_tokens=20), flops.prefill_cost(CFG, R.fastervlm(BUDGET), 20)
+    assert full.projector == F * 2 * P_F * (16 * 16 + 16 * 16)  # every frame's 17 tokens through the projector
+    assert red.llm_swiglu < full.llm_swiglu and red.vision == full.vision
