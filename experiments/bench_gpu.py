@@ -59,8 +59,9 @@ back to XLA (counted in the row), and a row whose cuDNN program fails to compile
 Robustness and time: every finished row is appended to a JSON-lines file as soon as it is measured (with
 ``--out-dir D`` those files and the report live in ``D``, so a run killed by a timeout still leaves its rows); a
 crashed worker restarts on the rows left; the report (``.md`` + ``.json``) is rewritten after every phase.
-``--deadline S`` gives the whole run S seconds: each model gets an equal share, and a worker past its share
-records its remaining rows as skipped instead of starting them (``--priority`` order: full rows first).
+``--deadline S`` gives the whole run S seconds: each model gets an equal share (time a model leaves unused
+passes to the next), and a worker past its share records its remaining reducer rows as skipped instead of
+starting them (full-model rows, which every target needs, always run).
 ``--decode full-b1`` times decode only where a target needs it; ``--reducer-batches`` limits the reducer rows
 to some batches; ``--compile-cache DIR`` keeps XLA executables for a rerun. ``--inprocess`` runs the workers
 in this process (CPU, tests). Files: this one (orchestration), ``bench_gpu_setup.py`` (configs, peaks, prompt
@@ -301,7 +302,8 @@ def parse(argv=None):
     ap.add_argument("--decode-points", type=int, default=3, help="generation lengths of each decode fit")
     ap.add_argument("--pairing", choices=("auto", "process", "workers"), default="auto",
                     help="auto: process (both frameworks in one worker, same ABBA rounds) on CPU, workers on GPU")
-    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole run (rows past it: skipped)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds for the whole run (reducer rows past a model's share: skipped)")
     ap.add_argument("--out-dir", default=None, help="directory for the row files and the report (e.g. $OUT)")
     ap.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache directory")
     ap.add_argument("--inprocess", action="store_true", help="workers in this process (no subprocesses)")
@@ -366,7 +368,7 @@ def main(argv=None) -> dict:
         data["rows"] = [r for r in data["rows"] if r["model"] != m] + mine
         data["seconds"][f"{'pair' if a.pairing == 'process' else 'jax'}_{m}"] = time.perf_counter() - t0
         data["load"] = monitor.to_dict()
-        report.write(a, data)
+        report.write(a, data, final=False)
         if a.no_torch or a.pairing == "process":
             continue
         t0 = time.perf_counter()
@@ -379,7 +381,7 @@ def main(argv=None) -> dict:
         data["torch"].update({r["key"]: r for r in trecs if "key" in r})
         data["seconds"][f"torch_{m}"] = time.perf_counter() - t0
         data["load"] = monitor.to_dict()
-        report.write(a, data)
+        report.write(a, data, final=False)
     data["load"] = monitor.stop()
     data["seconds"]["total"] = time.time() - t_start
     report.write(a, data)

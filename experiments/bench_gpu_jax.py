@@ -272,10 +272,10 @@ def measure_alone(prep: dict, repeats: int, baseline=None) -> dict:
 
 def run_rows(side, rows: list[dict], emit, measure_row, deadline: float | None = None) -> None:
     """The row loop shared by the workers: ``{"start": key}`` before a row, its record after (with ``error`` if it
-    failed, one XLA-attention retry after a cuDNN failure); rows past ``deadline`` (``time.time()``) are recorded
-    as skipped."""
+    failed, one XLA-attention retry after a cuDNN failure); reducer rows past ``deadline`` (``time.time()``) are
+    recorded as skipped (full-model rows, which every target needs, always run)."""
     for row in rows:
-        if deadline is not None and time.time() > deadline:
+        if deadline is not None and time.time() > deadline and row["reducer"] != "full":  # full rows always run
             emit({"key": row["key"], "skipped": "time budget (--deadline) spent before this row"})
             continue
         emit({"start": row["key"]})

@@ -213,7 +213,9 @@ def out_base(a, data: dict) -> Path | None:
     return RESULTS / name
 
 
-def write(a, data: dict) -> Path | None:
+def write(a, data: dict, final: bool = True) -> Path | None:
+    """Derive, render and write the report (after every phase: a killed run keeps its last report); prints the
+    whole report when ``final``, else the targets so far."""
     derive(data)
     md = markdown(a, data)
     base = out_base(a, data)
@@ -222,5 +224,8 @@ def write(a, data: dict) -> Path | None:
         (base.parent / (base.name + ".md")).write_text(md)
         (base.parent / (base.name + ".json")).write_text(json.dumps(data, indent=1, default=str))
         data["files"] = [str(base) + ".md", str(base) + ".json"]
-    print(md, flush=True)
+    if final:
+        print(md, flush=True)
+    else:
+        print("bench_gpu: targets so far\n" + md_table(["target", "row", "value", "verdict"], targets(data)), flush=True)
     return base
