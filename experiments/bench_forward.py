@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     hf = None if a.no_torch else hf_model_from(model)
     quiet = T.quiet_from_cli(a)
     data = {"device": jax_device(), "git": git_rev(), "command": "python -m experiments.bench_forward "
-            + " ".join(sys.argv[1:] if argv is None else argv), "config": cfg.to_hf_dict(), "prefix": PREFIX,
+            + " ".join(T.shorten_notes(sys.argv[1:] if argv is None else argv)), "config": cfg.to_hf_dict(), "prefix": PREFIX,
             "question": QUESTION, "new_tokens": a.new_tokens, "repeats": a.repeats, "quiet": quiet, "runs": [],
             "torch": torch.__version__}
     with T.LoadMonitor() as lm:

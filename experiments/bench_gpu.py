@@ -339,7 +339,7 @@ def main(argv=None) -> dict:
     t_start = time.time()
     rows, work = plan_rows(a), Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     quiet = T.quiet_from_cli(a)
-    data = {"git": git_rev(), "command": "python -m experiments.bench_gpu " + " ".join(argv),
+    data = {"git": git_rev(), "command": "python -m experiments.bench_gpu " + " ".join(T.shorten_notes(argv)),
             "settings": _settings(a), "batches": a.batch, "work_dir": str(work), "quiet": quiet, "notes": a.note,
             "reducers": a.reducers, "configs": {}, "workers": [], "env": {}, "rows": [], "torch": {}, "seconds": {},
             "host": T.environment()}

@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     full = 5 * cfg.tokens_per_image
     quiet = T.quiet_from_cli(a)
     rows, data = [], {"device": jax_device(), "git": git_rev(), "batch": a.batch, "repeats": a.repeats,
-                      "command": "python -m experiments.bench_next " + " ".join(sys.argv[1:] if argv is None else argv),
+                      "command": "python -m experiments.bench_next " + " ".join(T.shorten_notes(sys.argv[1:] if argv is None else argv)),
                       "config": cfg.to_hf_dict(), "packed_tokens": n_tok, "full_convention": full, "quiet": quiet,
                       "runs": []}
     base = None

@@ -104,7 +104,7 @@ def write_outputs(base: Path, markdown: str, data: dict) -> tuple[Path, Path]:
 
 def command(module: str, argv) -> str:
     args = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(["python -m", module, *args])
+    return " ".join(["python -m", module, *T.shorten_notes(args)])
 
 
 def prefill_runner(model: Llava, spec, ids, mask, px, programs: engine.Programs | None = None):

@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     quiet = T.quiet_from_cli(a)
     data = {"git": git_rev(), "command": "python -m experiments.profile_stages " + " ".join(
-        sys.argv[1:] if argv is None else argv), "repeats": a.repeats, "quiet": quiet, "notes": a.note, "runs": []}
+        T.shorten_notes(sys.argv[1:] if argv is None else argv)), "repeats": a.repeats, "quiet": quiet, "notes": a.note, "runs": []}
     with T.LoadMonitor() as lm:
         for name in a.configs:
             for b in a.batches:

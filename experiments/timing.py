@@ -486,6 +486,15 @@ def add_cli(ap) -> None:
     ap.add_argument("--max-load", type=float, default=0.6, help="the quiet threshold of --wait-quiet (default 0.6)")
 
 
+def shorten_notes(argv: Sequence[str]) -> list[str]:
+    """``argv`` with each ``--note`` paragraph replaced by ``"..."`` (the notes are printed in full elsewhere)."""
+    out, skip = [], False
+    for x in argv:
+        out.append('"..."' if skip else x)
+        skip = x == "--note"
+    return out
+
+
 def quiet_from_cli(a, log=print) -> dict | None:
     if not getattr(a, "wait_quiet", 0):
         return None

@@ -41,16 +41,19 @@ def causal(valid):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks small enough that a short sequence takes every schedule (incl. ragged last blocks)."""
+    """Blocks small enough that short sequences take every schedule (incl. ragged last blocks)."""
     monkeypatch.setattr(A, "CPU_Q_BLOCK", 16)
     monkeypatch.setattr(A, "CPU_K_BLOCK", 24)
+    monkeypatch.setattr(A, "CPU_CAUSAL_BLOCK", 24)
     monkeypatch.setattr(A, "CPU_BLOCKED_MIN_T", 32)
+    monkeypatch.setattr(A, "CPU_LOOP_MIN_TS", 100 * 100)
 
 
-@pytest.mark.parametrize("T,schedule", [(20, "dense"), (70, "qblocks"), (150, "flash")])
+@pytest.mark.parametrize("T", [20, 70, 150])
 @pytest.mark.parametrize("pad", ["right", "left"])
-def test_causal_prefill_every_schedule(small_blocks, monkeypatch, T, schedule, pad):
-    monkeypatch.setattr(A, "CPU_LOOP_MIN_TS", 100 * 100)  # 70 x 70 -> query blocks, 150 x 150 -> flash
+@pytest.mark.parametrize("schedule", [None, *A.CPU_SCHEDULES])
+def test_causal_prefill_every_schedule(small_blocks, T, pad, schedule):
+    """A causal prefill mask (GQA, padded rows): every schedule, with and without the causal promise."""
     q, k, v = inputs(2, T, T, 4, 2, 8)  # GQA: 4 query heads on 2 key/value heads
     valid = np.ones((2, T), bool)
     if pad == "right":
@@ -61,44 +64,49 @@ def test_causal_prefill_every_schedule(small_blocks, monkeypatch, T, schedule, p
     want = reference(q, k, v, mask)
     rows = np.asarray(mask).any(-1)[:, 0]  # queries with at least one visible key
     for flag in (False, True):
-        got = np.asarray(jax.jit(lambda *a, c=flag: A.attention_cpu(*a, c))(q, k, v, mask))
+        got = np.asarray(jax.jit(lambda *a, c=flag: A.attention_cpu(*a, c, schedule))(q, k, v, mask))
         np.testing.assert_allclose(got[rows], want[rows], rtol=2e-5, atol=2e-5)
         assert np.isfinite(got).all()
 
 
 @pytest.mark.parametrize("T", [20, 70, 150])
-def test_key_mask_and_no_mask(small_blocks, monkeypatch, T):
+def test_key_mask_and_no_mask(small_blocks, T):
     """CLIP's calls: a key-validity mask ``[B, 1, 1, S]`` (or none), every query sees every valid key."""
-    monkeypatch.setattr(A, "CPU_LOOP_MIN_TS", 100 * 100)
     q, k, v = inputs(3, T, T, 4, 4, 8, seed=1)
     valid = np.ones((3, T), bool)
     valid[2, T // 2:] = False
     mask = jnp.asarray(valid)[:, None, None, :]
-    np.testing.assert_allclose(np.asarray(A.attention_cpu(q, k, v, mask)), reference(q, k, v, mask), rtol=2e-5,
-                               atol=2e-5)
-    np.testing.assert_allclose(np.asarray(A.attention_cpu(q, k, v, None)), reference(q, k, v, None), rtol=2e-5,
-                               atol=2e-5)
+    for m in (mask, None):
+        for schedule in (None, *A.CPU_SCHEDULES):
+            np.testing.assert_allclose(np.asarray(A.attention_cpu(q, k, v, m, False, schedule)),
+                                       reference(q, k, v, m), rtol=2e-5, atol=2e-5)
 
 
-def test_per_head_mask_and_cross_lengths(small_blocks, monkeypatch):
+def test_per_head_mask_and_cross_lengths(small_blocks):
     """A ``[B, N, T, S]`` mask and ``T != S`` (decode-style queries against a longer cache): never causal."""
-    monkeypatch.setattr(A, "CPU_LOOP_MIN_TS", 10)
     q, k, v = inputs(1, 40, 90, 4, 2, 8, seed=2)
     mask = jnp.asarray(np.random.default_rng(3).random((1, 4, 40, 90)) < 0.7)
     want = reference(q, k, v, mask)
     for flag in (False, True):  # causal=True with T != S is ignored
-        np.testing.assert_allclose(np.asarray(A.attention_cpu(q, k, v, mask, flag)), want, rtol=2e-5, atol=2e-5)
+        for schedule in (None, *A.CPU_SCHEDULES):
+            np.testing.assert_allclose(np.asarray(A.attention_cpu(q, k, v, mask, flag, schedule)), want, rtol=2e-5,
+                                       atol=2e-5)
+
+
+def test_causal_block_sizes():
+    assert [A.causal_block(t) for t in (300, 672, 1024, 3008)] == [128, 224, 256, 256]
 
 
 def test_default_sizes_pick_the_schedules(monkeypatch):
-    """The production thresholds: a decode step stays one pass, LLaVA-1.5's 672 tokens take query blocks,
-    NeXT's 3008 the flash loop (checked on the traced program, nothing run)."""
+    """The production thresholds: a decode step stays one pass, causal prefills (LLaVA-1.5's 672 tokens, NeXT's
+    3008) take the causal flash schedule, CLIP's 577 tokens query blocks, a long non-causal call the flash loop
+    (checked on the traced program, nothing run)."""
     seen = []
-    for name in ("_dense_cpu", "_qblocks_cpu", "_flash_cpu"):
+    for name in ("_dense_cpu", "_qblocks_cpu", "_flash_cpu", "_causal_flash_cpu"):
         real = getattr(A, name)
         monkeypatch.setattr(A, name, lambda *a, _n=name, _r=real: seen.append(_n) or _r(*a))
-    for T, S in ((1, 700), (672, 672), (3008, 3008)):
+    for T, S, c in ((1, 700, True), (672, 672, True), (3008, 3008, True), (577, 577, False), (3008, 3008, False)):
         q = jax.ShapeDtypeStruct((1, T, 8, 64), jnp.float32)
         kv = jax.ShapeDtypeStruct((1, S, 8, 64), jnp.float32)
-        jax.eval_shape(lambda q, k, v: A.attention_cpu(q, k, v, None, True), q, kv, kv)
-    assert seen == ["_dense_cpu", "_qblocks_cpu", "_flash_cpu"]
+        jax.eval_shape(lambda q, k, v: A.attention_cpu(q, k, v, None, c), q, kv, kv)
+    assert seen == ["_dense_cpu", "_causal_flash_cpu", "_causal_flash_cpu", "_qblocks_cpu", "_flash_cpu"]

@@ -206,3 +206,8 @@ def test_header_lines_name_machine_flags_and_load():
     snap = T.load_snapshot()  # the real files: present on Linux, None elsewhere; never an error
     assert set(snap) >= {"loadavg", "cpu_pressure_avg10", "time"}
     assert snap["loadavg"] is None or (len(snap["loadavg"]) == 3 and all(not math.isnan(x) for x in snap["loadavg"]))
+
+
+def test_shorten_notes_keeps_the_command_readable():
+    assert T.shorten_notes(["--out", "x", "--note", "a long paragraph", "--repeats", "3"]) == [
+        "--out", "x", "--note", '"..."', "--repeats", "3"]

@@ -57,13 +57,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                                         is_causal=causal and q.shape[1] == k.shape[1])
 
 
-#: CPU block sizes: query rows per block, key slots per block of the online-softmax loop, and the sizes
-#: above which each schedule is used (measured on 2 Xeon / EPYC cores, 8 heads of 64, fp32: see
-#: ``experiments/results/attention_cpu.md``).
-CPU_Q_BLOCK, CPU_K_BLOCK, CPU_BLOCKED_MIN_T, CPU_LOOP_MIN_TS = 128, 256, 256, 1024 * 1024
+#: CPU schedule sizes: query rows per block of the non-causal schedules, key slots per block of their flash
+#: loop, the shortest sequence that leaves the one-pass schedule, the ``T * S`` above which a non-causal
+#: attention takes the flash loop, and the largest block of the causal flash schedule (measured on 2 Xeon /
+#: EPYC cores, 8 heads of 64, fp32: ``experiments/results/stages_cpu.md``).
+CPU_Q_BLOCK, CPU_K_BLOCK, CPU_BLOCKED_MIN_T, CPU_LOOP_MIN_TS, CPU_CAUSAL_BLOCK = 128, 256, 256, 1024 * 1024, 256
 
 
 CPU_SCHEDULES = ("dense", "qblocks", "flash")
+
+
+def causal_block(T: int) -> int:
+    """Block of the causal flash schedule: about a third of ``T`` (in multiples of 32), at most
+    ``CPU_CAUSAL_BLOCK`` (672 tokens -> 224, 3008 -> 256)."""
+    return max(32, min(CPU_CAUSAL_BLOCK, -(-(-(-T // 3)) // 32) * 32))
 
 
 def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, causal: bool = False,
@@ -72,28 +79,80 @@ def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     default, chosen by the static shapes:
 
     * ``T < CPU_BLOCKED_MIN_T`` (decode steps, short prompts): one einsum pass (:func:`_dense_cpu`);
-    * ``T * S <= CPU_LOOP_MIN_TS`` (a 576-token image + prompt): static query blocks of ``CPU_Q_BLOCK`` rows,
-      each a head-major einsum + softmax over the keys it can see (with ``causal``: keys up to the block's last
-      row, half the work of the full square) (:func:`_qblocks_cpu`);
-    * longer (LLaVA-NeXT's 3008-token prefill): flash attention, a loop over query blocks with an online
-      softmax over key blocks (causal: only the blocks on or below the diagonal), so the ``T x S`` scores are
-      never materialised (:func:`_flash_cpu`).
+    * a causal prefill (``causal`` and ``T == S``; LLaVA's 672 and NeXT's 3008 tokens): flash attention on
+      square blocks of :func:`causal_block` rows (:func:`_causal_flash_cpu`): a loop over query blocks, each an
+      online softmax over the key blocks strictly below the diagonal (key validity as an additive bias, no
+      mask) and then its diagonal block (the one masked block); the blocks above the diagonal are never
+      computed and the ``T x S`` scores never materialised;
+    * otherwise (CLIP: every query sees every valid key) static query blocks of ``CPU_Q_BLOCK`` rows, each a
+      head-major einsum + softmax (:func:`_qblocks_cpu`), or beyond ``T * S > CPU_LOOP_MIN_TS`` a flash loop
+      over key blocks (:func:`_flash_cpu`).
+
+    ``causal`` promises that ``mask`` is a causal prefill mask as :func:`causal_mask` builds it (``mask[b, 0, t,
+    s] = s <= t and key_valid[b, s]``): the causal schedule reads the key validity from the mask's last row.
 
     Why: XLA:CPU materialises the whole ``[B, heads, T, S]`` fp32 score tensor of a one-pass attention (290 MB
     per layer at T = 3008) and runs the ``p @ v`` einsum in a batch-minor layout at ~20 GFLOP/s; at T = 3008 that
-    took 1.4 s per layer against 0.11 s for PyTorch's SDPA (flash, causal) on the same two cores, the cause of
-    the 8x-21x full-model rows of ``bench_gpu``'s CPU stand-in (issue 19)."""
+    took 0.9-1.4 s per layer against 0.05-0.11 s for PyTorch's SDPA (flash, causal) on the same two cores: the
+    product half of issue 19 (the 8x-21x full-model rows of ``bench_gpu``'s CPU stand-in)."""
     T, S = q.shape[1], k.shape[1]
     causal = causal and T == S
     if schedule is None:
-        schedule = "dense" if T < CPU_BLOCKED_MIN_T else "qblocks" if T * S <= CPU_LOOP_MIN_TS else "flash"
+        schedule = ("dense" if T < CPU_BLOCKED_MIN_T else "flash" if causal or T * S > CPU_LOOP_MIN_TS
+                    else "qblocks")
     if schedule not in CPU_SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: expected one of {CPU_SCHEDULES}")
     if schedule == "dense":
         return _dense_cpu(q, k, v, mask)
     if schedule == "qblocks":
         return _qblocks_cpu(q, k, v, mask, causal, CPU_Q_BLOCK)
+    if causal:
+        return _causal_flash_cpu(q, k, v, None if mask is None else mask[:, 0, -1, :], causal_block(T))
     return _flash_cpu(q, k, v, mask, causal, CPU_Q_BLOCK * 2, CPU_K_BLOCK)
+
+
+def _causal_flash_cpu(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None, b: int) -> jax.Array:
+    """Causal self-attention (``T == S``) on square ``b x b`` blocks; ``key_valid [B, S]`` (None: all valid).
+
+    Batch and key/value heads are merged into one batch dimension, a block's query rows are ``(t, g)`` pairs
+    (GQA: the ``G`` query heads of a key/value head share its keys), so each block is two plain batched GEMMs."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    n = -(-T // b)
+    pad = n * b - T
+    qh = (q * jnp.asarray(1.0 / float(H) ** 0.5, q.dtype)).reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4)
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))).reshape(B * K, n * b * G, H)
+    kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B * K, n * b, H)
+    vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B * K, n * b, H)
+    kv = jnp.ones((B, T), bool) if key_valid is None else key_valid
+    bias = jnp.repeat(jnp.where(jnp.pad(kv, ((0, 0), (0, pad))), 0.0, _NEG).astype(jnp.float32), K, axis=0)
+    tri = jnp.repeat(jnp.arange(b)[None, :] <= jnp.arange(b)[:, None], G, axis=0)  # [(t, g), s] within a block
+
+    def q_block(i):
+        qb = jax.lax.dynamic_slice_in_dim(qh, i * b * G, b * G, axis=1)  # [B*K, b*G, H]
+
+        def step(j, carry, diagonal=False):
+            m, l, acc = carry
+            kb = jax.lax.dynamic_slice_in_dim(kh, j * b, b, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(vh, j * b, b, axis=1)
+            sc = jnp.einsum("bth,bsh->bts", qb, kb, preferred_element_type=jnp.float32)
+            sc = sc + jax.lax.dynamic_slice_in_dim(bias, j * b, b, axis=1)[:, None, :]
+            if diagonal:
+                sc = jnp.where(tri[None], sc, _NEG)
+            m2 = jnp.maximum(m, sc.max(-1, keepdims=True))
+            a, p = jnp.exp(m - m2), jnp.exp(sc - m2)
+            pv = jnp.einsum("bts,bsh->bth", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+            return m2, l * a + p.sum(-1, keepdims=True), acc * a + pv
+
+        init = (jnp.full((B * K, b * G, 1), _NEG, jnp.float32), jnp.zeros((B * K, b * G, 1), jnp.float32),
+                jnp.zeros((B * K, b * G, H), jnp.float32))
+        _, l, acc = step(i, jax.lax.fori_loop(0, i, step, init), diagonal=True)
+        return acc / l
+
+    o = jax.lax.map(q_block, jnp.arange(n))  # [n, B*K, b*G, H]
+    o = o.reshape(n, B, K, b, G, H).transpose(1, 0, 3, 2, 4, 5).reshape(B, n * b, N, H)[:, :T]
+    return o.astype(q.dtype)
 
 
 def _dense_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
