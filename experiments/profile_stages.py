@@ -162,6 +162,27 @@ def attention_fns(cfg, B: int, T_: int, T_torch: int) -> dict:
     return fns
 
 
+def gemm_fns(cfg, rows: int) -> dict:
+    """The decoder's matmuls alone at ``rows`` tokens (fp32): q/k/v/o projections, gate/up, down, and the LM head
+    on one row, each as a jitted ``x @ w`` vs ``torch.matmul``."""
+    import torch
+
+    t = cfg.text
+    shapes = {"q/k/v/o proj": (rows, t.hidden_size, t.num_attention_heads * t.head_dim),
+              "gate/up proj": (rows, t.hidden_size, t.intermediate_size),
+              "down proj": (rows, t.intermediate_size, t.hidden_size),
+              "lm head (1 row)": (1, t.hidden_size, t.vocab_size)}
+    rng = np.random.default_rng(0)
+    fns = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        f = jax.jit(lambda x, y: x @ y)
+        fns[("gemm", f"jax {name}")] = lambda f=f, ja=ja, jb=jb: jax.block_until_ready(f(ja, jb))
+        fns[("gemm", f"torch {name}")] = lambda ta=ta, tb=tb: torch.matmul(ta, tb)
+    return fns, {name: 2.0 * m * k * n for name, (m, k, n) in shapes.items()}
+
+
 def profile(name: str, batch: int, repeats: int, with_attention: bool, new: int = 17) -> dict:
     kind, cfg = config(name)
     model = Llava.random(cfg, seed=0)
@@ -178,6 +199,8 @@ def profile(name: str, batch: int, repeats: int, with_attention: bool, new: int 
     fns.update(torch_stages(hf, inp, cfg))
     if with_attention:
         fns.update(attention_fns(cfg, batch, info_new["bucketed_seq"], int(inp["ids"].shape[1])))
+        g, gflop = gemm_fns(cfg, batch * info_new["bucketed_seq"])
+        fns.update(g)
     res = T.interleaved(fns, repeats)
     out = {"config": name, "model": kind, "batch": batch, "seq": int(inp["ids"].shape[1]),
            "bucketed_seq": info_new["bucketed_seq"], "xla": {"jax": info_new["stages"],
@@ -199,6 +222,12 @@ def profile(name: str, batch: int, repeats: int, with_attention: bool, new: int 
     out["table"] = rows
     if with_attention:
         out["attention"] = [[k[1], res[k].stats.fmt()] for k in res.timings if k[0] == "attention"]
+        out["gemm"] = []
+        for gname, fl in gflop.items():
+            tj, tt = res[("gemm", f"jax {gname}")], res[("gemm", f"torch {gname}")]
+            r = res.ratio(("gemm", f"jax {gname}"), ("gemm", f"torch {gname}"))
+            out["gemm"].append([gname, tj.stats.fmt(digits=2), f"{fl / tj.median / 1e9:.0f}", tt.stats.fmt(digits=2),
+                                f"{fl / tt.median / 1e9:.0f}", f"{r.median:.2f} [{r.min:.2f}-{r.max:.2f}]"])
     return out
 
 
@@ -225,6 +254,10 @@ def markdown(data: dict) -> str:
         if r.get("attention"):
             lines += [f"Attention alone, one decoder layer's shape (batch {r['batch']}, {r['bucketed_seq']} tokens; "
                       f"torch at {r['seq']}):", "", md_table(["implementation", "ms"], r["attention"]), ""]
+        if r.get("gemm"):
+            lines += [f"The decoder's matmuls alone ({r['batch']} x {r['bucketed_seq']} rows, fp32; XLA's dot vs "
+                      "PyTorch's MKL sgemm):", "", md_table(["matmul", "jax ms", "jax GFLOP/s", "torch ms",
+                                                            "torch GFLOP/s", "jax / torch"], r["gemm"]), ""]
     return "\n".join(lines)
 
 
