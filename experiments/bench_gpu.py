@@ -68,6 +68,16 @@ in this process (CPU, tests). Files: this one (orchestration), ``bench_gpu_setup
 geometry), ``bench_gpu_jax.py`` / ``bench_gpu_torch.py`` (the two sides), ``bench_gpu_pair.py`` (both in one
 process), ``bench_gpu_report.py`` (derived figures, targets, markdown).
 
+The prepared device run (issue 19: about ten minutes of device time for everything, room for one rerun): the
+rows that decide every target -- the full model at batch 1 and 16 (TTFT vs transformers, MFU at 16, decode
+bandwidth at 1: the only decode fit) and two reducers (one pre-LLM, one in-LLM) at 64 / 160 tokens at batch 16
+(realized vs FLOPs speedup) -- three ABBA rounds each, reducer rows dropped past a 300 s budget, rows and report
+written to ``$OUT`` as they finish (6 files), XLA executables kept for a rerun on the same machine::
+
+    PYTHONUNBUFFERED=1 python3 -m experiments.bench_gpu --model both --batch 1 16 --reducers visionzip fastv
+        --budgets 64 --next-budgets 160 --reducer-batches 16 --decode full-b1 --repeats 3 --deadline 300
+        --compile-cache /tmp/jp_xla_cache --out-dir $OUT                                       # (one line)
+
 CPU figures (built without a GPU): ``--size reduced`` (:func:`~experiments.bench_gpu_setup.reduced_config`, 576
 visual tokens) -> ``experiments/results/gpu_cpu_reduced.md``. ``--tiny``: the smoke test.
 
