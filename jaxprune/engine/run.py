@@ -48,7 +48,8 @@ def encode(m, static: EngineStatic, arrays: dict):
     is_img = (ids == cfg.image_token_index) & valid
     if not static.reduced:
         tok, tvalid, _, kept = fam.encode(m, lay, (), px, tables, None, None, None)
-        h = place_valid(text_emb, is_img, tok, tvalid)
+        # a family whose unreduced spans are all valid (LLaVA-1.5) places by rank, no search
+        h = place_valid(text_emb, is_img, tok, None if getattr(lay, "dense", False) else tvalid)
         return h, valid, arrays["positions"], is_img, 0, None, None
     N, ipr = px.shape[0], lay.ipr
     row = jnp.arange(N) // ipr

@@ -37,6 +37,10 @@ class LlavaStatic:
     def S_full(self) -> int:  # placeholder slots of an unreduced image
         return self.P
 
+    @property
+    def dense(self) -> bool:  # every token of an unreduced image is valid (placement by rank)
+        return True
+
 
 def visual_budget(cfg, reducers: tuple, full: bool | None = None) -> int:
     """Visual tokens per image that reach the LLM after the pre-LLM reducers; validates every budget.
