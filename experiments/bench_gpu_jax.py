@@ -2,8 +2,9 @@
 worker that measures them alone.
 
 A row = (model, batch, reducer, budget). The model is built once per process with random weights initialised on
-the device (:func:`jaxprune.sharding.random_model`: one jitted init program, nothing on the host) in the benchmark
-dtype; inputs are the ``bench_forward`` / ``bench_next`` prompts (35 text tokens, one image, 40 text tokens; NeXT:
+the device (:func:`jaxprune.sharding.random_model` with ``init="per_shape"``: one small jitted program per distinct
+parameter shape, nothing on the host; the single-program init took 9+ minutes to compile at 7B on an H200) in the
+benchmark dtype; inputs are the ``bench_forward`` / ``bench_next`` prompts (35 text tokens, one image, 40 text tokens; NeXT:
 a square 672 px image, 5 crops). :meth:`JaxSide.prepare` compiles the row's programs ahead of time
 (``model.programs.prefill`` on the row's ``model.plan(...)``, and ``model.programs.decode`` at each decode
 length: exactly what ``Llava.generate`` runs), timing ``lower`` and ``compile`` apart and reading the XLA cost
@@ -174,7 +175,7 @@ class JaxSide:
             self.inputs.clear()
             cfg = model_config(m, self.settings["size"])
             t0 = time.perf_counter()
-            self.models[m] = sharding.random_model(cfg, None, seed=0, dtype=self.dtype)  # initialised on device
+            self.models[m] = sharding.random_model(cfg, None, seed=0, dtype=self.dtype, init="per_shape")  # on device, one small program per shape
             self.jax.block_until_ready(self.models[m].params)
             rec["init_s"] = time.perf_counter() - t0
         return self.models[m]

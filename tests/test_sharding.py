@@ -73,6 +73,13 @@ for name, sm in meshes.items():
     for k, v in got.items():
         res[k] = bool((v == want[k]).all()) if k.endswith("tokens") else rel(want[k], v)
     out[name] = res
+# per-shape init (bench_gpu at 7B): same values on a mesh as on one device, same placement as init_params
+ps_ref = S.random_model(cfg, None, seed=0, init="per_shape")
+ps = S.random_model(cfg, S.make_mesh(data=2, model=4), seed=0, init="per_shape")
+out["per_shape"] = {"identical_params": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                                            zip(jax.tree.leaves(ps_ref.params), jax.tree.leaves(ps.params))),
+                    "same_describe": S.describe(ps) == out["2x4"]["describe"],
+                    "full": rel(ps_ref(ids, px, mask).logits, ps(ids, px, mask).logits)}
 try:
     meshes["2x4"](ids[:3], px[:3], mask[:3])
 except S.ShardingError as e:
@@ -127,6 +134,12 @@ def test_params_really_sharded(eight, mesh, model):
     assert d["vision.layers.0.mlp.fc1.kernel"] == (col, (32, 64 // model))
     assert d["vision.layers.0.self_attn.q_proj.bias"] == (("model",), (32 // model,))
     assert d["language.norm.scale"] == ((), (H,))
+
+
+def test_per_shape_init_sharded(eight):
+    """bench_gpu's fast-compiling init: bit-identical values sharded and unsharded, same parameter placement."""
+    res = eight["per_shape"]
+    assert res["identical_params"] and res["same_describe"] and res["full"] < 1e-5, res
 
 
 def test_other_entry_points(eight):
