@@ -131,21 +131,24 @@ def vqa_accuracy(pred: str, gt_answers: Sequence[str], protocol: str = "vqaeval"
     * ``"vqaeval"``: vqaEval.py @ a013f00 (current; "Fixed processing answers bug", 2021): ``\\n``/``\\t`` -> space and
       strip on both sides; **only if the GT answers are not all identical**, GT and prediction both go through
       ``processPunctuation`` + ``processDigitArticle``; otherwise neither is processed.
-    * ``"vqaeval_2015"``: vqaEval.py @ 458a8b2 (before that fix; the version eval.md describes): the prediction is
-      always processed; GT answers get ``processPunctuation`` only, and only when not all identical.
+    * ``"vqaeval_2015"``: vqaEval.py @ 458a8b2 (before that fix; the version eval.md describes): only the
+      prediction gets ``\\n``/``\\t`` -> space and strip, then it is always processed; the GT answers are used as
+      annotated (no whitespace cleaning) and get ``processPunctuation`` only, and only when not all identical.
     * ``"lmms_eval"``: lmms-eval ``vqav2_process_results``: both sides always get the m4c punctuation + digit/article
       processing.
     """
-    gts = [_clean(g) for g in gt_answers]
     res = _clean(pred)
+    if protocol == "vqaeval_2015":
+        gts = list(gt_answers)        # 458a8b2 cleans whitespace in the prediction only
+        res = process_digit_article(process_punctuation(res, COMMA_STRIP_VQA))
+        if len(set(gts)) > 1:
+            gts = [process_punctuation(g, COMMA_STRIP_VQA) for g in gts]
+        return leave_one_out_accuracy(res, gts)
+    gts = [_clean(g) for g in gt_answers]
     if protocol == "vqaeval":
         if len(set(gts)) > 1:
             gts = [process_digit_article(process_punctuation(g, COMMA_STRIP_VQA)) for g in gts]
             res = process_digit_article(process_punctuation(res, COMMA_STRIP_VQA))
-    elif protocol == "vqaeval_2015":
-        res = process_digit_article(process_punctuation(res, COMMA_STRIP_VQA))
-        if len(set(gts)) > 1:
-            gts = [process_punctuation(g, COMMA_STRIP_VQA) for g in gts]
     elif protocol == "lmms_eval":
         gts = [process_digit_article(process_punctuation(g)) for g in gts]
         res = process_digit_article(process_punctuation(res))

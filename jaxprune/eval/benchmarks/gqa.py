@@ -9,8 +9,11 @@ Official pieces reproduced:
   ``correct = (prediction == answer)`` with no further normalisation; ``accuracy``, ``binary`` / ``open`` (open iff
   ``types.structural == "query"``) and accuracy per structural and per semantic type, all in percent.  Validity,
   plausibility, consistency, grounding and distribution need assets absent from testdev and are not computed.
-* ``protocol="lmms_eval"``: lmms-eval ``gqa`` ``exact_match`` with ``ignore_case`` and ``ignore_punctuation`` (every
-  ``string.punctuation`` character deleted from both sides; no stripping) (@ 75571cfe).
+* ``protocol="lmms_eval"``: lmms-eval ``gqa`` (@ 75571cfe): the task pipeline strips every generated answer
+  (``lmms_eval/api/task.py``, ``ConfigurableTask.process_results``: ``res.strip()``) before the metric, then
+  ``exact_match_hf_evaluate`` (``lmms_eval/api/metrics.py``) with ``ignore_case`` and ``ignore_punctuation``:
+  lowercase, every ``string.punctuation`` character deleted from both sides (the reference is not stripped), equality
+  of NumPy unicode arrays -- which drop trailing NUL characters, so ``"yes\x00"`` equals ``"yes"`` (kept).
 
 Deviation: eval.py raises when a balanced question has no prediction; here it scores as ``""`` (``n_missing``).
 """
@@ -38,6 +41,13 @@ from .files import find_file, load_llava_questions, read_json
 LLAVA_QUESTION_FILES = ("llava_gqa_testdev_balanced.jsonl",)
 RAW_QUESTION_FILES = ("data/testdev_balanced_questions.json", "testdev_balanced_questions.json")
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+
+
+def lmms_exact_match(prediction: str, reference: str) -> bool:
+    """lmms-eval ``gqa``: stripped prediction vs reference, case and ``string.punctuation`` ignored (NumPy str
+    semantics: trailing NULs do not count)."""
+    norm = lambda s: s.lower().translate(_PUNCT_TABLE).rstrip("\x00")
+    return norm(prediction.strip()) == norm(reference)
 
 
 def llava_gqa_prediction(text: str) -> str:
@@ -122,7 +132,7 @@ class GQA(BenchmarkBase):
             if protocol == "llava":
                 ok = llava_gqa_prediction(text) == q.answers[0]
             else:
-                ok = text.lower().translate(_PUNCT_TABLE) == q.answers[0].lower().translate(_PUNCT_TABLE)
+                ok = lmms_exact_match(text, q.answers[0])
             hits.append(ok)
             st = q.metadata.get("structural")
             if st is not None:
