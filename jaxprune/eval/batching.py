@@ -14,6 +14,9 @@
 * LLaVA-NeXT (anyres): an image's placeholder count depends on its size, so planning reads each image's size
   from its header (:func:`image_hw`, no decoding), pixels are ``[crops, 3, S, S]`` padded to the config's maximum
   crops, and every row carries ``image_sizes`` (HF ``LlavaNextProcessor`` convention).
+* Video-LLaVA (``img_cfg`` a :class:`~jaxprune.eval.video.VideoEvalConfig`): a question with a video gets the
+  ``USER: <video>\\n... ASSISTANT:`` prompt, ``<video>`` expanded to ``tokens_per_video`` ids, and its row
+  ``pixel_values_videos [F, 3, S, S]`` (:mod:`jaxprune.eval.video`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from jaxprune.processing import (
     tokenize_prompts,
 )
 
+from . import video as vid
 from .config import ConfigError, ItemError
 
 
@@ -66,6 +70,11 @@ def has_image(q: Question) -> bool:
     return q.image is not None or q.image_b64 is not None
 
 
+def has_visual(q: Question) -> bool:
+    """An image or a video."""
+    return has_image(q) or q.video is not None
+
+
 def check_tokenizer(tokenizer: Any, image_token_index: int) -> None:
     tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if tid != image_token_index:
@@ -85,6 +94,8 @@ def image_hw(q: Question) -> tuple[int, int]:
 def image_tokens_of(q: Question, img_cfg: Any, tokens_per_image: int) -> tuple[int, int]:
     """(placeholder tokens, crops) of ``q``'s image: ``(tokens_per_image, 1)`` for fixed-size models, or the anyres
     count of its size (LLaVA-NeXT; an unreadable image plans with the maximum and fails when loaded)."""
+    if isinstance(img_cfg, vid.VideoEvalConfig) and q.video is not None:
+        return img_cfg.tokens_per_video, img_cfg.num_frames
     if not isinstance(img_cfg, AnyresProcessorConfig):
         return tokens_per_image, 1
     try:
@@ -99,13 +110,14 @@ def make_items(questions: Sequence[Question], tokenizer: Any, tokens_per_image: 
                ) -> list[Item]:
     """Prompts and planned lengths; ``img_cfg`` (an :class:`AnyresProcessorConfig` for LLaVA-NeXT) decides the
     placeholder count of each image (``tokens_per_image`` is then the maximum)."""
-    prompts = [build_vicuna_v1_prompt(q.text, with_image=has_image(q)) for q in questions]
+    prompts = [vid.prompt(q) if q.video is not None else build_vicuna_v1_prompt(q.text, with_image=has_image(q))
+               for q in questions]
     if not prompts:
         return []
     enc = tokenizer(prompts)["input_ids"]
     items = []
     for i, (q, p, ids) in enumerate(zip(questions, prompts, enc)):
-        n = int(has_image(q))
+        n = int(has_visual(q))
         k, c = image_tokens_of(q, img_cfg, tokens_per_image) if n else (0, 1)
         items.append(Item(i, q, p, n, len(ids) + n * (k - 1), k, c))
     return items
@@ -147,7 +159,10 @@ def missing_image_files(items: Sequence[Item]) -> dict[str, str]:
     out = {}
     for it in items:
         q = it.question
-        if q.image is not None and q.image_b64 is None:
+        if q.video is not None:
+            if q.video_path is None or not q.video_path.is_file():
+                out[q.key] = vid.missing_message(q)
+        elif q.image is not None and q.image_b64 is None:
             p = q.image_path
             if p is None or not p.is_file():
                 out[q.key] = f"question {q.key!r}: image file not found: {p}"
@@ -164,6 +179,7 @@ class Rows:
     ok: np.ndarray              # [b] bool: a real row that loaded fine (False: dummy or failed)
     errors: dict[str, str]      # key -> message for rows that failed to load
     image_sizes: np.ndarray | None = None  # [b, 2] (height, width): anyres (LLaVA-NeXT) only
+    pixel_values_videos: np.ndarray | None = None  # [b, F, 3, S, S] float32: video rows (Video-LLaVA)
 
 
 @dataclasses.dataclass
@@ -186,9 +202,12 @@ def load_batch_images(batch: Batch, rows: range, img_cfg: ImageProcessorConfig |
     ``[b, max crops, 3, S, S]`` (crops beyond an image's own are zeros) and each row's (height, width); failed
     and dummy rows get the batch's first image size (their prompt is the first item's)."""
     anyres = isinstance(img_cfg, AnyresProcessorConfig)
+    video = isinstance(img_cfg, vid.VideoEvalConfig) and batch.items[0].question.video is not None
     px = sizes = None
     if batch.n_images:
         shape = (img_cfg.max_crops, 3, image_size, image_size) if anyres else (3, image_size, image_size)
+        if video:
+            shape = (img_cfg.num_frames, 3, image_size, image_size)
         px = np.zeros((len(rows),) + shape, np.float32)
         if anyres:
             sizes = np.zeros((len(rows), 2), np.int64)
@@ -200,7 +219,7 @@ def load_batch_images(batch: Batch, rows: range, img_cfg: ImageProcessorConfig |
         q = batch.items[r].question
         if batch.n_images:
             try:
-                got = load_pixels(q, img_cfg)
+                got = vid.load_video_pixels(q, img_cfg) if video else load_pixels(q, img_cfg)
             except ItemError as e:
                 errors[q.key] = str(e)
                 continue
@@ -246,6 +265,7 @@ def build_rows(batch: Batch, rows: range, tokenizer: Any, image_token_index: int
     (``tokens_per_image`` for fixed-size models)."""
     T = batch.length
     dummy = batch.items[0]
+    video = isinstance(img_cfg, vid.VideoEvalConfig) and dummy.question.video is not None
     if images is None:
         images = load_batch_images(batch, rows, img_cfg, image_size)
     px, ok, errors = images.pixel_values, images.loaded, images.errors
@@ -256,11 +276,18 @@ def build_rows(batch: Batch, rows: range, tokenizer: Any, image_token_index: int
         if not ok[j] and px is not None:
             px[j] = 0.0
         k = src.image_tokens or tokens_per_image
-        enc = tokenize_prompts(tokenizer, [src.prompt], image_token_index, k)["input_ids"][0]
+        token, token_id = IMAGE_TOKEN, image_token_index
+        if video:
+            from jaxprune.processing_video import VIDEO_TOKEN
+
+            token, token_id = VIDEO_TOKEN, img_cfg.video_token_index
+        enc = tokenize_prompts(tokenizer, [src.prompt], token_id, k, image_token=token)["input_ids"][0]
         if len(enc) != src.length:
-            raise ConfigError(f"question {src.question.key!r}: {len(enc)} tokens after expanding {IMAGE_TOKEN!r}, "
-                              f"{src.length} when planned: the tokenizer must treat {IMAGE_TOKEN!r} as one special "
+            raise ConfigError(f"question {src.question.key!r}: {len(enc)} tokens after expanding {token!r}, "
+                              f"{src.length} when planned: the tokenizer must treat {token!r} as one special "
                               "token")
         ids[j, T - len(enc):] = enc
         mask[j, T - len(enc):] = 1
+    if video:
+        return Rows(ids, mask, None, np.asarray(ok, bool), errors, None, pixel_values_videos=px)
     return Rows(ids, mask, px, np.asarray(ok, bool), errors, images.image_sizes)

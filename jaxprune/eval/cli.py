@@ -227,6 +227,17 @@ def validate(cfg, sweep_file: str | None = None) -> Any:
     if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_dir():
         raise ConfigError(f"argument --tokenizer: {cfg.tokenizer}: not a directory")
     mcfg = _model_config(cfg, flag("--model"))
+    from jaxprune.eval.benchmarks import get_benchmark
+    from jaxprune.eval.video import is_video_model
+
+    for b in cfg.benchmarks:  # video benchmarks need a model with a video path, and Video-LLaVA runs only those
+        video_bench = getattr(get_benchmark(b.name), "modality", "image") == "video"
+        if video_bench != is_video_model(mcfg):
+            raise ConfigError(
+                f"argument {flag('--benchmark')}: {b.name} is a video benchmark but the model (model_type "
+                f"{mcfg.model_type!r}) has no video input (Video-LLaVA checkpoints, model_type 'video_llava', have)"
+                if video_bench else f"argument {flag('--benchmark')}: {b.name} is an image benchmark; the harness "
+                f"runs Video-LLaVA models (model_type 'video_llava') on video benchmarks only")
     for spec in cfg.runs:
         if spec.is_full:
             continue

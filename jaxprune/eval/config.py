@@ -38,7 +38,9 @@ from jaxprune.errors import JaxpruneError
 #: ``model_vqa_mmbench.py``.
 SHORT_MAX_NEW_TOKENS = 128
 LONG_MAX_NEW_TOKENS = 1024
-LONG_ANSWER_BENCHMARKS = frozenset({"mmvet", "scienceqa", "mmbench"})
+LONG_ANSWER_BENCHMARKS = frozenset({"mmvet", "scienceqa", "mmbench",
+                                    # Video-LLaVA's run_inference_video_qa.py: max_new_tokens=1024
+                                    "msvd_qa", "msrvtt_qa", "tgif_qa", "activitynet_qa"})
 
 ON_ERROR = ("stop", "skip")
 

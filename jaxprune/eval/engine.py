@@ -82,14 +82,26 @@ class Engine:
     def prepare(self, rows: Rows, global_rows: int) -> Prepared:
         """Validate + bucket this process' rows (as ``Llava.generate`` would) and assemble global arrays."""
         m = self.model
-        reducer = self.reducer if rows.pixel_values is not None else None
+        videos = getattr(rows, "pixel_values_videos", None)  # [b, F, 3, S, S]: Video-LLaVA video rows
+        reducer = self.reducer if rows.pixel_values is not None or videos is not None else None
         p = m.plan(rows.input_ids, rows.pixel_values, rows.attention_mask, getattr(rows, "image_sizes", None),
-                   reducer)
+                   reducer, pixel_values_videos=videos)
         to = lambda x: dist.to_global(np.asarray(x), self.mesh, global_rows)
         rows_arrays = {k: to(v) for k, v in p.arrays.items() if k in ("input_ids", "valid", "positions")}
         per_image = {k: v for k, v in p.arrays.items() if k not in rows_arrays}
-        if per_image:  # pixels and family tables: one image per row, so they split like the rows
-            per_image = jax.tree_util.tree_map(to, per_image)
+        n_local = int(np.asarray(rows.input_ids).shape[0])
+
+        def place(x):  # pixels and per-image tables split like the rows (one image / video per row); a table
+            x = np.asarray(x)  # over the whole batch (Video-LLaVA's unreduced placeholder order) is replicated
+            if x.ndim and x.shape[0] == n_local:
+                return to(x)
+            if dist.process_count() > 1:
+                raise ValueError("this model's unreduced batch layout spans the whole batch: run it in one process "
+                                 "(or with a reducer)")
+            return dist.replicate(x, self.mesh)
+
+        if per_image:
+            per_image = jax.tree_util.tree_map(place, per_image)
         arrays = {**rows_arrays, **per_image}
         with_img = "pixel_values" in arrays
         return Prepared((arrays,), (global_rows, int(p.arrays["input_ids"].shape[1]), with_img), p.static)

@@ -40,6 +40,7 @@ from .batching import (
     missing_image_files,
     plan_batches,
 )
+from . import video
 from .config import ConfigError, EvalError, ItemError, ReducerSpec, default_max_new_tokens
 from .engine import Engine
 
@@ -48,11 +49,18 @@ PROMPT_FORMAT = "vicuna_v1 + HF <image> expansion"
 #: Headline metric per benchmark (the number LLaVA's tables report); None = scored by an external server/grader.
 HEADLINE: dict[str, str | None] = {"pope": "f1", "gqa": "accuracy", "textvqa": "accuracy", "mme": "perception",
                                    "scienceqa": "img_accuracy", "mmbench": "circular_accuracy", "seed": "accuracy",
-                                   "vqav2": "accuracy", "mmvet": None, "synthvqa": "accuracy"}
+                                   "vqav2": "accuracy", "mmvet": None, "synthvqa": "accuracy",
+                                   # video QA: the official metric is GPT-judged; the headline is a labelled proxy
+                                   "msvd_qa": "proxy_accuracy_not_official", "msrvtt_qa": "proxy_accuracy_not_official",
+                                   "tgif_qa": "proxy_accuracy_not_official",
+                                   "activitynet_qa": "proxy_accuracy_not_official", "videomme": "accuracy"}
 #: Submission file (relative to the run folder) per benchmark that has one.
 SUBMISSION: dict[str, str] = {"vqav2": "vqav2_evalai_submission.json", "gqa": "testdev_balanced_predictions.json",
                               "mme": "mme_answers", "mmbench": "mmbench_submission.tsv",
-                              "seed": "seed_submission.jsonl", "mmvet": "mmvet_submission.json"}
+                              "seed": "seed_submission.jsonl", "mmvet": "mmvet_submission.json",
+                              # Video-LLaVA's merged predictions (+ judge_requests.jsonl beside them)
+                              "msvd_qa": "merge.jsonl", "msrvtt_qa": "merge.jsonl", "tgif_qa": "merge.jsonl",
+                              "activitynet_qa": "merge.jsonl"}
 
 
 @dataclasses.dataclass
@@ -77,6 +85,8 @@ class Context:
         cfg = model.cfg
         check_tokenizer(tokenizer, cfg.image_token_index)
         img_cfg = image_processor(cfg, model_dir, image_mode)
+        if isinstance(img_cfg, video.VideoEvalConfig):
+            video.check_tokenizer(tokenizer, img_cfg)
         eos = tuple(cfg.text.eos_token_id or ())
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos = eos + (int(tokenizer.eos_token_id),)
@@ -182,6 +192,7 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
     run_dir = Path(run_dir)
     main = dist.is_main()
     cfg = ctx.model.cfg
+    video.check_questions(questions, ctx.img_cfg, cfg.model_type, bench.name)
     P = max_image_tokens(ctx)
     reducer = make_reducer(spec, cfg)
     max_new = opts.max_new_tokens or default_max_new_tokens(bench.name)
@@ -191,7 +202,8 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
         _log(f"batch size {opts.batch_size} rounded up to {B} (a multiple of the {n_dev} devices)")
     run_model_id = f"{ctx.model_id}+{spec.label}"
     fingerprint = {"model_id": ctx.model_id, "benchmark": bench.name, "reducer": spec.label,
-                   "reducer_spec": repr(reducer), "max_new_tokens": max_new, "prompt": PROMPT_FORMAT,
+                   "reducer_spec": repr(reducer), "max_new_tokens": max_new,
+                   "prompt": getattr(ctx.img_cfg, "prompt_format", PROMPT_FORMAT),
                    "dtype": ctx.dtype, "image_mode": ctx.image_mode}
     items = make_items(questions, ctx.tokenizer, P, ctx.img_cfg)
     answers = AnswerFile(run_dir / "answers.jsonl")
@@ -323,6 +335,8 @@ def image_processor(cfg: Any, model_dir: str | Path | None, image_mode: str = "p
         except json.JSONDecodeError as e:
             raise ConfigError(f"{pp}: {e}") from None
     s = cfg.vision.image_size
+    if video.is_video_model(cfg):  # Video-LLaVA: video benchmarks (frames at the model's image_size)
+        return video.VideoEvalConfig.from_model(cfg, model_dir)
     if cfg.model_type == "llava_next":
         try:
             img_cfg = (AnyresProcessorConfig.from_hf_preprocessor_config(d, patch_size=cfg.vision.patch_size)

@@ -73,6 +73,8 @@ class Question:
         answer_file_prompt: the ``prompt`` field LLaVA writes into its answers jsonl when it differs from ``text``
             (ScienceQA: ``<image>\\n`` prefix; MMBench: no suffix).
         key: unique key within the benchmark (defaults to ``str(question_id)``).
+        video: video file relative to ``image_root`` (video benchmarks: the model gets the video instead of an
+            image; ``text`` is then what follows ``<video>\\n``).
     """
 
     question_id: int | str
@@ -87,6 +89,7 @@ class Question:
     image_b64: str | None = None
     answer_file_prompt: str | None = None
     key: str = ""
+    video: str | None = None
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -108,6 +111,13 @@ class Question:
         if self.image is None:
             return None
         return Path(self.image_root) / self.image if self.image_root else Path(self.image)
+
+    @property
+    def video_path(self) -> Path | None:
+        """Full video path (None for a question without a video)."""
+        if self.video is None:
+            return None
+        return Path(self.image_root) / self.video if self.image_root else Path(self.video)
 
     def load_image(self) -> Any:
         """Open the image with PIL (no mode conversion: callers decide, as LLaVA's scripts differ on ``.convert``)."""
@@ -227,10 +237,16 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "seed": ("seed", "SEEDBench"),
     "mmvet": ("mmvet", "MMVet"),
     "synthvqa": ("synthvqa", "SynthVQA"),
+    "msvd_qa": ("video_qa", "MSVDQA"),
+    "msrvtt_qa": ("video_qa", "MSRVTTQA"),
+    "tgif_qa": ("video_qa", "TGIFQA"),
+    "activitynet_qa": ("video_qa", "ActivityNetQA"),
+    "videomme": ("videomme", "VideoMME"),
 }
 _ALIASES = {"sqa": "scienceqa", "scienceqa_img": "scienceqa", "seedbench": "seed", "seed_bench": "seed",
             "mm_vet": "mmvet", "vqa_v2": "vqav2", "mmbench_en": "mmbench",
-            "synth_vqa": "synthvqa"}
+            "synth_vqa": "synthvqa", "msvd": "msvd_qa", "msrvtt": "msrvtt_qa", "tgif": "tgif_qa",
+            "activitynet": "activitynet_qa", "anet_qa": "activitynet_qa", "video_mme": "videomme"}
 
 
 def list_benchmarks() -> list[str]:
