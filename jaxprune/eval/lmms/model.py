@@ -1,0 +1,95 @@
+"""The lmms-eval model class (``lmms_eval.api.model.lmms``): unpacks lmms-eval's requests for the :class:`Backend`.
+
+Imports lmms-eval at module level (its base class); lmms-eval loads this module only through the entry point of
+:mod:`jaxprune.eval.lmms`. Request shapes (lmms-eval 0.7, ``ConfigurableTask.construct_requests``):
+
+* ``generate_until``: ``(context, generation_kwargs, doc_to_visual, doc_id, task, split)``;
+* ``loglikelihood``: ``(context, continuation or doc_to_target, doc_to_visual, doc_id, task, split)``;
+* ``generate_until_multi_round``: refused with an error naming the task (not implemented).
+
+The doc is ``self.task_dict[task][split][doc_id]`` (lmms-eval fills ``task_dict`` before it calls the model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmms_eval.api.model import lmms
+
+from jaxprune.eval.config import ConfigError
+
+from .backend import Backend
+from .options import parse_model_args
+from .requests import GenRequest, LoglikRequest, check_visuals, gen_settings, where
+
+
+class JaxpruneLMM(lmms):
+    """``lmms-eval --model jaxprune --model_args pretrained=DIR,reducer=fastv:64,dtype=bfloat16,batch_size=16``."""
+
+    is_simple = True
+
+    def __init__(self, **model_args: Any) -> None:
+        super().__init__()
+        self.backend = Backend(parse_model_args(model_args))
+        self.model_type = self.backend.model_type
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> JaxpruneLMM:
+        """``--model_args`` win over lmms-eval's own ``--batch_size`` (which it always passes, default 1)."""
+        from lmms_eval import utils
+
+        args = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        args.update(utils.simple_parse_args_string(arg_string or ""))
+        return cls(**args)
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+    def _doc(self, task: str, split: str, doc_id: int) -> Any:
+        try:
+            return self.task_dict[task][split][doc_id]
+        except (KeyError, IndexError, TypeError) as e:
+            raise ConfigError(f"{where(task, doc_id)}: lmms-eval gave no such doc (split {split!r}): {e}") from None
+
+    def _visuals(self, doc_to_visual: Any, task: str, split: str, doc_id: int) -> tuple:
+        if doc_to_visual is None:
+            return ()
+        return check_visuals(doc_to_visual(self._doc(task, split, doc_id)), self.model_type, where(task, doc_id))
+
+    # ---- lmms-eval's request kinds -------------------------------------------------------------------------------
+    def generate_until(self, requests: list) -> list[str]:
+        """Greedy generation, batched and jitted (see :class:`Backend`)."""
+        reqs = []
+        eos = None
+        tok = self.backend.tokenizer
+        if tok.eos_token is not None:
+            eos = tok.eos_token
+        for inst in requests:
+            args = inst.args
+            if len(args) != 6 or callable(args[1]):
+                raise ConfigError(f"{where(getattr(inst, 'task_name', '?'), getattr(inst, 'doc_id', '?'))}: "
+                                  "a chat-style (doc_to_messages) request; the jaxprune model is a simple model")
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = args
+            w = where(task, doc_id)
+            settings, warnings = gen_settings(gen_kwargs, self.backend.opts.max_new_tokens, eos, w)
+            for msg in warnings:
+                self.backend.warn_once(f"task {task}: {msg}")
+            reqs.append(GenRequest(str(context), self._visuals(doc_to_visual, task, split, doc_id), settings, w))
+        return self.backend.generate(reqs)
+
+    def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
+        """Sum of the continuation's token log-probabilities and whether greedy decoding would produce it."""
+        reqs = []
+        for inst in requests:
+            context, target, doc_to_visual, doc_id, task, split = inst.args
+            w = where(task, doc_id)
+            cont = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
+            if isinstance(cont, (list, tuple)):
+                raise ConfigError(f"{w}: doc_to_target gave {len(cont)} targets; loglikelihood scores one")
+            reqs.append(LoglikRequest(str(context), str(cont), self._visuals(doc_to_visual, task, split, doc_id), w))
+        return self.backend.loglikelihood(reqs)
+
+    def generate_until_multi_round(self, requests: list) -> list[str]:
+        """Not implemented: refused with the task's name."""
+        inst = requests[0] if requests else None
+        task = getattr(inst, "task_name", None) or "?"
+        raise ConfigError(f"task {task}: generate_until_multi_round is not implemented by the jaxprune lmms-eval "
+                          "model (single-turn tasks only)")
