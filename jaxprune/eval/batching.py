@@ -67,7 +67,7 @@ class Batch:
 
 
 def has_image(q: Question) -> bool:
-    return q.image is not None or q.image_b64 is not None
+    return q.has_image
 
 
 def has_visual(q: Question) -> bool:
@@ -86,7 +86,10 @@ def image_hw(q: Question) -> tuple[int, int]:
     """(height, width) of the question's image from its header (PIL opens lazily: nothing is decoded)."""
     from PIL import Image
 
-    src = io.BytesIO(base64.b64decode(q.image_b64)) if q.image_b64 is not None else q.image_path
+    if q.image_blob is not None:
+        src: Any = io.BytesIO(q.image_blob.data)
+    else:
+        src = io.BytesIO(base64.b64decode(q.image_b64)) if q.image_b64 is not None else q.image_path
     with Image.open(src) as img:
         return int(img.height), int(img.width)
 
@@ -144,14 +147,13 @@ def load_pixels(q: Question, img_cfg: ImageProcessorConfig | AnyresProcessorConf
     except FileNotFoundError:
         raise ItemError(f"{where}: image file not found: {path}") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-        src = f"image file {path}" if path is not None else "embedded base64 image"
-        raise ItemError(f"{where}: cannot read {src}: {type(e).__name__}: {e}") from None
+        raise ItemError(f"{where}: cannot read {q.image_source}: {type(e).__name__}: {e}") from None
     try:
         if isinstance(img_cfg, AnyresProcessorConfig):
             return preprocess_anyres_image(img, img_cfg)
         return preprocess_image(img, img_cfg)
     except Exception as e:  # noqa: BLE001
-        raise ItemError(f"{where}: cannot preprocess image {path}: {e}") from None
+        raise ItemError(f"{where}: cannot preprocess {q.image_source}: {e}") from None
 
 
 def missing_image_files(items: Sequence[Item]) -> dict[str, str]:

@@ -30,6 +30,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from jaxprune.errors import JaxpruneError
 
+#: The two harness protocols every built-in image benchmark offers: LLaVA's official prompts + scorer, or lmms-eval's
+#: task (``doc_to_text`` + ``process_results`` + aggregation).  Some benchmarks offer more scorer variants (VQAv2).
+PROTOCOLS = ("llava", "lmms_eval")
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 MC_LETTER_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 
@@ -53,6 +56,23 @@ class MissingAnswersError(JaxpruneError, ValueError):
     """``score(..., strict=True)`` found questions without an answer."""
 
 
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An encoded image held inside a data file (an lmms-lab parquet / arrow row): its bytes and where they came from
+    (``"<file>: row N, column 'image'"``, for error messages)."""
+
+    data: bytes = field(repr=False)
+    where: str = ""
+
+    def open(self) -> Any:
+        """The image, loaded with PIL (no mode conversion)."""
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(self.data))
+        img.load()
+        return img
+
+
 @dataclass
 class Question:
     """One benchmark question, as LLaVA's evaluation feeds it to the model.
@@ -73,6 +93,7 @@ class Question:
         answer_file_prompt: the ``prompt`` field LLaVA writes into its answers jsonl when it differs from ``text``
             (ScienceQA: ``<image>\\n`` prefix; MMBench: no suffix).
         key: unique key within the benchmark (defaults to ``str(question_id)``).
+        image_blob: the image embedded in a dataset file (lmms-lab parquet / arrow layouts).
         video: video file relative to ``image_root`` (video benchmarks: the model gets the video instead of an
             image; ``text`` is then what follows ``<video>\\n``).
     """
@@ -89,6 +110,7 @@ class Question:
     image_b64: str | None = None
     answer_file_prompt: str | None = None
     key: str = ""
+    image_blob: EmbeddedImage | None = None
     video: str | None = None
 
     def __post_init__(self) -> None:
@@ -104,6 +126,21 @@ class Question:
     def record_prompt(self) -> str:
         """The ``prompt`` value LLaVA's answer writers record for this question."""
         return self.answer_file_prompt if self.answer_file_prompt is not None else self.text
+
+    @property
+    def has_image(self) -> bool:
+        """Whether the question comes with an image (file, base64 or embedded)."""
+        return self.image is not None or self.image_b64 is not None or self.image_blob is not None
+
+    @property
+    def image_source(self) -> str | None:
+        """Where the image is read from, for messages: its file, ``"embedded base64 image"``, or the data file + row."""
+        if self.image_blob is not None:
+            return self.image_blob.where or "embedded image"
+        if self.image_b64 is not None:
+            return "embedded base64 image"
+        path = self.image_path
+        return None if path is None else f"image file {path}"
 
     @property
     def image_path(self) -> Path | None:
@@ -123,6 +160,8 @@ class Question:
         """Open the image with PIL (no mode conversion: callers decide, as LLaVA's scripts differ on ``.convert``)."""
         from PIL import Image
 
+        if self.image_blob is not None:
+            return self.image_blob.open()
         if self.image_b64 is not None:
             img = Image.open(io.BytesIO(base64.b64decode(self.image_b64)))
             img.load()
@@ -160,7 +199,10 @@ class BenchmarkBase:
 
     name: str = ""
     layout: str = ""             # the files ``load`` expects under the data root (shown by ``jaxprune-eval --help``)
+    layout_lmms: str = ""        # the lmms-lab dataset ``load`` also reads (parquet / datasets cache / save_to_disk)
     has_submission: bool = False
+    protocols: tuple[str, ...] = ("llava",)  # what ``load(protocol=...)`` / ``score(protocol=...)`` accept
+    scorers: dict[str, str] = {}             # protocol -> the scorer it reproduces (reported with every score)
 
     def load(self, root: str | Path, **kwargs: Any) -> list[Question]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -218,6 +260,32 @@ def collect_answers(questions: Sequence[Question], answers: Mapping[Any, str], s
         head = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise MissingAnswersError(f"{benchmark}: {len(missing)} of {len(questions)} questions have no answer ({head})")
     return out, len(missing)
+
+
+def check_protocol(benchmark: str, protocol: str, allowed: Sequence[str] = PROTOCOLS) -> str:
+    """``protocol`` if ``benchmark`` offers it, else a ValueError listing the choices."""
+    if protocol not in allowed:
+        raise ValueError(f"{benchmark}: unknown protocol {protocol!r}; choose from {', '.join(allowed)}")
+    return protocol
+
+
+def scoring_protocol(benchmark: str, questions: Sequence[Question], protocol: str | None,
+                     allowed: Sequence[str] = PROTOCOLS) -> str:
+    """The protocol to score with: ``protocol`` if given, else the one the questions were loaded with
+    (``metadata["protocol"]``; ``"llava"`` when unset)."""
+    if protocol is None:
+        found = {q.metadata.get("protocol") for q in questions} - {None}
+        if len(found) > 1:
+            raise ValueError(f"{benchmark}: questions loaded with different protocols {sorted(found)}")
+        protocol = found.pop() if found else "llava"
+    return check_protocol(benchmark, protocol, allowed)
+
+
+def tag_protocol(questions: list[Question], protocol: str) -> list[Question]:
+    """Record the protocol the questions were built for (the scorer's default)."""
+    for q in questions:
+        q.metadata["protocol"] = protocol
+    return questions
 
 
 def pct(num: float, den: float) -> float:

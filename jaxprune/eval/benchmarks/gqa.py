@@ -15,6 +15,12 @@ Official pieces reproduced:
   lowercase, every ``string.punctuation`` character deleted from both sides (the reference is not stripped), equality
   of NumPy unicode arrays -- which drop trailing NUL characters, so ``"yes\x00"`` equals ``"yes"`` (kept).
 
+lmms-lab layout (``lmms-lab/GQA``): config ``testdev_balanced_instructions`` (split ``testdev``; columns ``id``,
+``imageId``, ``question``, ``answer``, ``fullAnswer``, ``isBalanced``, ``types`` {structural, semantic, detailed},
+``groups``, ``entailed``, ``equivalent``, ``annotations``, ``semantic``, ``semanticStr``) joined by ``imageId`` to config
+``testdev_balanced_images`` (split ``testdev``; columns ``id``, ``image``), as lmms-eval's ``gqa_process_docs`` does.
+Both configs must be under ``--data``.  The prompt (``gqa_doc_to_text``) is LLaVA's: question + short-answer suffix.
+
 Deviation: eval.py raises when a balanced question has no prediction; here it scores as ``""`` (``n_missing``).
 """
 
@@ -26,15 +32,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import hfdata
 from .base import (
+    PROTOCOLS,
     SHORT_ANSWER_SUFFIX,
     BenchmarkBase,
     BenchmarkFormatError,
     Question,
     assign_keys,
+    check_protocol,
     collect_answers,
     lookup_answer,
     pct,
+    scoring_protocol,
+    tag_protocol,
 )
 from .files import find_file, load_llava_questions, read_json
 
@@ -77,6 +88,44 @@ def _attach(q: Question, raw: dict[str, Any]) -> None:
     q.split = types.get("structural") or q.split
 
 
+INSTRUCTIONS_CONFIG = "testdev_balanced_instructions"
+IMAGES_CONFIG = "testdev_balanced_images"
+
+
+def load_lmms_gqa(root: str | Path, *, split: str | None = None, check_images: bool = True) -> list[Question]:
+    """``lmms-lab/GQA`` instructions joined to its images by ``imageId`` (see the module docstring)."""
+    itable = hfdata.select_table(root, "lmms-lab/GQA", (INSTRUCTIONS_CONFIG,), ("testdev",), config=INSTRUCTIONS_CONFIG,
+                                 split=split)
+    mtable = hfdata.select_table(root, "lmms-lab/GQA", (IMAGES_CONFIG,), ("testdev",), config=IMAGES_CONFIG,
+                                 split=split)
+    images: dict[str, Any] = {}
+    seen: dict = {}
+    for path, row, rec in hfdata.read_rows(mtable, ("id", "image")):
+        image_id = hfdata.require(path, row, rec, "id", str)
+        hfdata.check_unique(seen, image_id, path, row, "image id")
+        images[image_id] = hfdata.image_blob(path, row, rec, check=check_images)
+    out: list[Question] = []
+    seen = {}
+    for path, row, rec in hfdata.read_rows(itable, ("id", "imageId", "question", "answer"),
+                                           ("isBalanced", "types", "fullAnswer")):
+        qid = hfdata.require(path, row, rec, "id", str)
+        image_id = hfdata.require(path, row, rec, "imageId", str)
+        question = hfdata.require(path, row, rec, "question", str)
+        hfdata.require(path, row, rec, "answer", str)
+        hfdata.check_unique(seen, qid, path, row, "question id")
+        if image_id not in images:
+            raise BenchmarkFormatError(path, f"row {row}, column 'imageId': {image_id!r} is not in the "
+                                             f"{IMAGES_CONFIG} table ({mtable.where})")
+        types = rec.get("types")
+        if types is not None and not isinstance(types, dict):
+            raise BenchmarkFormatError(path, f"row {row}, column 'types': expected a struct, got {types!r:.80}")
+        q = Question(question_id=qid, text=question + SHORT_ANSWER_SUFFIX, image_blob=images[image_id])
+        _attach(q, {**rec, "isBalanced": True if rec.get("isBalanced") is None else rec["isBalanced"]})
+        q.metadata["image_id"] = image_id
+        out.append(q)
+    return assign_keys(out)
+
+
 class GQA(BenchmarkBase):
     """GQA testdev-balanced (LLaVA-1.5: 62.0 for 7B)."""
 
@@ -85,9 +134,28 @@ class GQA(BenchmarkBase):
               "data/testdev_balanced_questions.json")
     has_submission = True
 
-    def load(self, root: str | Path, *, question_file: str | Path | None = None,
-             annotation_file: str | Path | None = None, image_folder: str | Path | None = None,
-             **_: Any) -> list[Question]:
+    protocols = PROTOCOLS
+    layout_lmms = ("lmms-lab/GQA: parquet shards / datasets cache / save_to_disk of both testdev_balanced_instructions "
+                   "and testdev_balanced_images")
+    scorers = {"llava": "LLaVA convert_gqa_for_eval.py + GQA eval.py (exact match)",
+               "lmms_eval": "lmms-eval gqa (strip, exact_match ignore case + punctuation)"}
+
+    def load(self, root: str | Path, *, protocol: str = "llava", question_file: str | Path | None = None,
+             annotation_file: str | Path | None = None, split: str | None = None, check_images: bool = True,
+             **kw: Any) -> list[Question]:
+        """LLaVA's layout (:meth:`load_official`) or, where ``root`` holds none of its files, the lmms-lab dataset
+        (:func:`load_lmms_gqa`); ``protocol`` is the default scorer (both use the same prompt)."""
+        check_protocol(self.name, protocol)
+        qs = hfdata.load_either(
+            root, [question_file or LLAVA_QUESTION_FILES[0], annotation_file, *RAW_QUESTION_FILES],
+            lambda: self.load_official(root, question_file=question_file, annotation_file=annotation_file, **kw),
+            lambda: load_lmms_gqa(root, split=split, check_images=check_images),
+            "lmms-lab/GQA")
+        return tag_protocol(qs, protocol)
+
+    def load_official(self, root: str | Path, *, question_file: str | Path | None = None,
+                      annotation_file: str | Path | None = None, image_folder: str | Path | None = None,
+                      **_: Any) -> list[Question]:
         """``llava_gqa_testdev_balanced.jsonl`` (images ``data/images/``) with ground truth from
         ``data/testdev_balanced_questions.json`` when present; without the LLaVA file the prompts are built from the raw
         questions (``question + short-answer suffix``, image ``{imageId}.jpg``)."""
@@ -117,11 +185,11 @@ class GQA(BenchmarkBase):
             out.append(q)
         return assign_keys(out)
 
-    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str = "llava",
+    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str | None = None,
               strict: bool = False, **_: Any) -> dict[str, Any]:
-        """Exact-match accuracy (percent) over balanced questions with ground truth."""
-        if protocol not in ("llava", "lmms_eval"):
-            raise ValueError(f"gqa: unknown protocol {protocol!r} (llava, lmms_eval)")
+        """Exact-match accuracy (percent) over balanced questions with ground truth (``protocol`` defaults to the one
+        the questions were loaded with)."""
+        protocol = scoring_protocol(self.name, questions, protocol)
         scored = [q for q in questions if q.answers and q.metadata.get("is_balanced", True)]
         if not scored:
             raise ValueError("gqa: no question has a ground-truth answer (load testdev_balanced_questions.json)")
@@ -141,7 +209,8 @@ class GQA(BenchmarkBase):
             if q.metadata.get("semantic") is not None:
                 groups["semantic"].setdefault(str(q.metadata["semantic"]), []).append(ok)
         acc = lambda xs: pct(sum(xs), len(xs))
-        out: dict[str, Any] = {"accuracy": acc(hits), "n": len(hits), "n_missing": n_missing, "protocol": protocol}
+        out: dict[str, Any] = {"accuracy": acc(hits), "n": len(hits), "n_missing": n_missing, "protocol": protocol,
+                               "scorer": self.scorers[protocol]}
         for k, v in sorted(groups["binary_open"].items()):
             out[k] = acc(v)
         out["per_structural_type"] = {k: acc(v) for k, v in sorted(groups["structural"].items())}

@@ -17,6 +17,17 @@ Official pieces reproduced:
   lmms-eval's static extractor, ``"none"`` = wrong; the GPT matcher the server uses is not available offline).
   Accuracy overall / per ``category`` / per ``l2-category`` over main rows.  ``single_accuracy`` = main rows only
   (no circular requirement), for reference.
+
+``protocol="lmms_eval"``: lmms-eval ``mmbench_en_dev`` (@ 75571cfe, ``lmms_eval/tasks/mmbench/en_utils.py``) prompt:
+``"{hint} {question} There are several options:\nA. ...\nB. ..."`` (hint and a space only when the hint is present and
+not ``"nan"``; options = the non-empty ``A``..``E`` cells other than ``"nan"``) + ``"\n"`` + the suffix (which starts
+with ``\n``: a blank line before it).  Scoring: lmms-eval's default is its GPT matcher (not offline); the local score
+here is its ``static`` evaluation (``mmbench_en_dev_static``), the same rule-based CircularEval as for ``llava``;
+LLaVA's own number comes from the OpenCompass server.
+
+lmms-lab layout (``lmms-lab/MMBench``, config ``en``, split ``dev``; ``lmms-lab/MMBench_EN`` without a config): columns
+``index``, ``question``, ``hint``, ``A``..``D``, ``answer``, ``category``, ``L2-category`` (upper-case L, the TSV's
+``l2-category``), ``source``, ``split``, ``comment``, ``image`` (an image struct, not base64).
 """
 
 from __future__ import annotations
@@ -27,15 +38,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import hfdata
 from .base import (
+    PROTOCOLS,
     MC_LETTER_SUFFIX,
     BenchmarkBase,
     BenchmarkFormatError,
     Question,
     assign_keys,
+    check_protocol,
     collect_answers,
     lookup_answer,
     pct,
+    scoring_protocol,
+    tag_protocol,
 )
 from .files import find_file, is_na, read_tsv
 from .mmbench_extract import can_infer, extract_mcq_answer
@@ -60,6 +76,62 @@ def llava_mmbench_prompt(question: str, hint: Any, options: Sequence[str]) -> st
     return question
 
 
+def lmms_mmbench_prompt(question: str, hint: Any, choices: Mapping[str, Any]) -> str:
+    """lmms-eval ``mmbench_doc_to_text`` (``create_options_prompt`` with ``"There are several options:"``)."""
+    options = {k: v for k, v in sorted(choices.items()) if k in "ABCDE" and v}
+    opts = "There are several options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items()
+                                                    if not is_na_float(v) and v != "nan")
+    opts = opts.rstrip("\n")
+    has_hint = hint is not None and not is_na_float(hint) and hint != "nan"
+    query = f"{hint} {question} {opts}" if has_hint else f"{question} {opts}"
+    return f"{query}\n{MC_LETTER_SUFFIX}"
+
+
+def is_na_float(value: Any) -> bool:
+    """``pd.isna`` for the values a parquet cell holds (None, float NaN)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
+_LMMS_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "L2-category", "source",
+                 "split", "comment", "E")
+
+
+def load_lmms_mmbench(root: str | Path, protocol: str = "llava", *, config: str | None = None,
+                      split: str | None = None, check_images: bool = True) -> list[Question]:
+    """``lmms-lab/MMBench`` (``en``) rows as questions (see the module docstring)."""
+    table = hfdata.select_table(root, "lmms-lab/MMBench", ("en", None), ("dev", "test"), config=config, split=split)
+    out: list[Question] = []
+    seen: dict = {}
+    for path, row, rec in hfdata.read_rows(table, ("index", "question", "A", "B", "image"), _LMMS_COLUMNS):
+        index = hfdata.require(path, row, rec, "index", int)
+        question = hfdata.require(path, row, rec, "question", str)
+        hfdata.check_unique(seen, index, path, row, "index")
+        cells = {k: (None if is_na_float(v) else v) for k, v in rec.items() if k != "image"}
+        if "L2-category" in cells:
+            cells["l2-category"] = cells.pop("L2-category")
+        options: list[str] = []
+        for letter in "ABCD":
+            v = cells.get(letter)
+            if llava_is_none(v):
+                break
+            options.append(str(v))
+        choices = {c: str(cells[c]) for c in "ABCD" if cells.get(c) is not None}
+        hint = cells.get("hint")
+        if protocol == "lmms_eval":
+            text = lmms_mmbench_prompt(question, hint, {c: cells.get(c) for c in "ABCDE" if c in cells})
+            prompt = text[:-len(MC_LETTER_SUFFIX)]
+        else:
+            prompt = llava_mmbench_prompt(question, hint, options)
+            text = prompt + MC_LETTER_SUFFIX
+        meta = dict(cells, choices=choices, row=row, source_file=str(path))
+        answer = cells.get("answer")
+        out.append(Question(question_id=index, text=text, answers=[] if answer is None else [str(answer)],
+                            category=cells.get("category"), split=cells.get("split"),
+                            options=dict(zip("ABCD", options)), metadata=meta, answer_file_prompt=prompt,
+                            image_blob=hfdata.image_blob(path, row, rec, check=check_images)))
+    return assign_keys(out)
+
+
 def openpyxl_available() -> bool:
     """Whether the xlsx submission can be written."""
     return importlib.util.find_spec("openpyxl") is not None
@@ -72,7 +144,32 @@ class MMBench(BenchmarkBase):
     layout = "mmbench_dev_20230712.tsv (images inside, base64)"
     has_submission = True
 
-    def load(self, root: str | Path, *, question_file: str | Path | None = None, **_: Any) -> list[Question]:
+    protocols = PROTOCOLS
+    layout_lmms = "lmms-lab/MMBench: parquet shards / datasets cache / save_to_disk (en, dev split)"
+    scorers = {"llava": "lmms-eval MMBench_Evaluator static CircularEval (LLaVA's number is server-scored)",
+               "lmms_eval": "lmms-eval MMBench_Evaluator static CircularEval (mmbench_en_dev_static)"}
+
+    def load(self, root: str | Path, *, protocol: str = "llava", question_file: str | Path | None = None,
+             config: str | None = None, split: str | None = None, check_images: bool = True,
+             **_: Any) -> list[Question]:
+        """LLaVA's TSV (:meth:`load_official`) or, where ``root`` holds no TSV, the lmms-lab dataset
+        (:func:`load_lmms_mmbench`); ``protocol`` picks the prompts."""
+        check_protocol(self.name, protocol)
+        qs = hfdata.load_either(
+            root, [question_file or TSV_FILES[0]], lambda: self.load_official(root, question_file=question_file),
+            lambda: load_lmms_mmbench(root, protocol, config=config, split=split, check_images=check_images),
+            "lmms-lab/MMBench")
+        if protocol == "lmms_eval":
+            for q in qs:
+                if q.image_blob is None:        # the TSV: rebuild lmms-eval's prompt from its cells
+                    m = q.metadata
+                    cells = {c: m.get(c) for c in "ABCDE" if c in m}
+                    q.text = lmms_mmbench_prompt(str(m.get("question")), m.get("hint"), cells)
+                    q.answer_file_prompt = q.text[:-len(MC_LETTER_SUFFIX)]
+        return tag_protocol(qs, protocol)
+
+    def load_official(self, root: str | Path, *, question_file: str | Path | None = None,
+                      **_: Any) -> list[Question]:
         """Rows of ``mmbench_dev_20230712.tsv`` (base64 images inside) as questions keyed by ``str(index)``."""
         root = Path(root)
         tsv = find_file(root, [question_file] if question_file else TSV_FILES)
@@ -111,7 +208,7 @@ class MMBench(BenchmarkBase):
         return out
 
     def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, fallback: str = "static",
-              strict: bool = False, **_: Any) -> dict[str, Any]:
+              protocol: str | None = None, strict: bool = False, **_: Any) -> dict[str, Any]:
         """CircularEval accuracy (percent) overall, per category and per l2-category."""
         if fallback == "gpt":
             raise NotImplementedError("mmbench: the GPT answer matcher is not available offline; use 'static' or "
@@ -146,7 +243,8 @@ class MMBench(BenchmarkBase):
             if "l2-category" in meta:
                 by_l2.setdefault(str(meta.get("l2-category") or "uncategorized"), []).append(hit)
         acc = lambda xs: pct(sum(xs), len(xs))
-        return {"circular_accuracy": acc(list(hits.values())),
+        protocol = scoring_protocol(self.name, questions, protocol)
+        return {"circular_accuracy": acc(list(hits.values())), "protocol": protocol, "scorer": self.scorers[protocol],
                 "single_accuracy": acc([correct[i] for i in sorted(mains)]),
                 "n_questions": len(mains), "n_rows": len(questions), "n_missing": n_missing,
                 "n_unresolved": n_unresolved, "fallback": fallback,

@@ -15,6 +15,13 @@ Official pieces reproduced:
 * ``protocol="lmms_eval"``: lmms-eval ``mme`` parser (``.lower().strip()``, periods deleted, single ``y``/``n``
   accepted) with the same aggregation (@ 75571cfe).
 
+lmms-lab layout (``lmms-lab/MME``, split ``test``, 2,374 rows): columns ``question_id`` (``"{category}/{image file}"``,
+shared by an image's two questions), ``question`` (with `` Please answer yes or no.``), ``answer`` (``Yes``/``No``),
+``category``, ``image``.  lmms-eval's prompt (``mme_doc_to_text``): ``question.strip()``, the MME suffix removed,
+``"\nAnswer the question using a single word or phrase."`` appended -- LLaVA's prompt but for the strip.  lmms-eval's
+aggregation (``mme_aggregate_results``: per image ``acc + acc+`` averaged over images) equals calculation.py's
+whenever every image has its two questions; its ground truth also drops ``.``.
+
 Deviations: calculation.py pairs *consecutive lines* of the per-category txt that convert_answer_to_mme.py writes
 (answers-file order) and breaks on predictions containing a tab or newline; here the two questions of an image are
 grouped by image (same result for well-formed files) and predictions are used whole.  Subtasks absent from the
@@ -28,14 +35,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import hfdata
 from .base import (
+    PROTOCOLS,
     SHORT_ANSWER_SUFFIX,
     BenchmarkBase,
     BenchmarkFormatError,
     Question,
     assign_keys,
+    check_protocol,
     collect_answers,
     lookup_answer,
+    scoring_protocol,
+    tag_protocol,
 )
 from .files import find_file, load_llava_questions
 
@@ -110,6 +122,31 @@ def llava_prompt_to_mme_question(prompt: str) -> str:
     return prompt
 
 
+def mme_prompt(question: str, protocol: str = "llava") -> str:
+    """The prompt of an MME question (`` Please answer yes or no.`` -> LLaVA's short-answer suffix)."""
+    if protocol == "lmms_eval":
+        return question.strip().replace(MME_SUFFIX, "") + SHORT_ANSWER_SUFFIX
+    return question.replace(MME_SUFFIX, SHORT_ANSWER_SUFFIX) if MME_SUFFIX in question else question + SHORT_ANSWER_SUFFIX
+
+
+def load_lmms_mme(root: str | Path, protocol: str = "llava", *, config: str | None = None, split: str | None = None,
+                  check_images: bool = True) -> list[Question]:
+    """``lmms-lab/MME`` rows as questions (see the module docstring)."""
+    table = hfdata.select_table(root, "lmms-lab/MME", (None,), ("test",), config=config, split=split)
+    out: list[Question] = []
+    seen: dict = {}
+    for path, row, rec in hfdata.read_rows(table, ("question_id", "question", "answer", "category", "image")):
+        qid = hfdata.require(path, row, rec, "question_id", str)
+        question = hfdata.require(path, row, rec, "question", str)
+        hfdata.check_unique(seen, (qid, question), path, row, "(question_id, question)")
+        out.append(Question(question_id=qid, text=mme_prompt(question, protocol),
+                            answers=[hfdata.require(path, row, rec, "answer", str)],
+                            category=hfdata.require(path, row, rec, "category", str),
+                            image_blob=hfdata.image_blob(path, row, rec, check=check_images),
+                            metadata={"mme_question": question}))
+    return assign_keys(out)
+
+
 class MME(BenchmarkBase):
     """MME (LLaVA-1.5-7B perception: 1510.7)."""
 
@@ -117,8 +154,29 @@ class MME(BenchmarkBase):
     layout = "llava_mme.jsonl + MME_Benchmark_release_version/ (images and ground truth)"
     has_submission = True
 
-    def load(self, root: str | Path, *, question_file: str | Path | None = None, data_dir: str | Path | None = None,
-             **_: Any) -> list[Question]:
+    protocols = PROTOCOLS
+    layout_lmms = "lmms-lab/MME: parquet shards / datasets cache / save_to_disk (test split)"
+    scorers = {"llava": "MME eval_tool/calculation.py (acc + acc+ per subtask)",
+               "lmms_eval": "lmms-eval mme (parse_pred_ans, acc + acc+ per subtask)"}
+
+    def load(self, root: str | Path, *, protocol: str = "llava", question_file: str | Path | None = None,
+             data_dir: str | Path | None = None, config: str | None = None, split: str | None = None,
+             check_images: bool = True, **_: Any) -> list[Question]:
+        """LLaVA's layout (:meth:`load_official`) or, where ``root`` holds none of its files, the lmms-lab dataset
+        (:func:`load_lmms_mme`); ``protocol`` picks the prompts and the default scorer."""
+        check_protocol(self.name, protocol)
+        qs = hfdata.load_either(
+            root, [question_file or LLAVA_QUESTION_FILES[0], data_dir or DATA_DIRS[0]],
+            lambda: self.load_official(root, question_file=question_file, data_dir=data_dir),
+            lambda: load_lmms_mme(root, protocol, config=config, split=split, check_images=check_images),
+            "lmms-lab/MME")
+        if protocol == "lmms_eval":
+            for q in qs:
+                q.text = mme_prompt(q.metadata.get("mme_question") or llava_prompt_to_mme_question(q.text), protocol)
+        return tag_protocol(qs, protocol)
+
+    def load_official(self, root: str | Path, *, question_file: str | Path | None = None,
+                      data_dir: str | Path | None = None, **_: Any) -> list[Question]:
         """``llava_mme.jsonl`` with ground truth from ``MME_Benchmark_release_version/`` (also the image root);
         without the LLaVA file the questions are built from the release folder (`` Please answer yes or no.`` replaced
         by LLaVA's short-answer suffix, categories and files in sorted order)."""
@@ -147,17 +205,15 @@ class MME(BenchmarkBase):
             raise FileNotFoundError(f"mme: neither {LLAVA_QUESTION_FILES[0]} nor {DATA_DIRS[0]}/ under {root}")
         out = []
         for (category, _txt, question), (answer, rel) in gt.items():
-            text = (question.replace(MME_SUFFIX, SHORT_ANSWER_SUFFIX) if MME_SUFFIX in question
-                    else question + SHORT_ANSWER_SUFFIX)
-            out.append(Question(question_id=rel, text=text, image=rel, answers=[answer], category=category,
+            out.append(Question(question_id=rel, text=mme_prompt(question), image=rel, answers=[answer], category=category,
                                 image_root=str(ddir), metadata={"mme_question": question}))
         return assign_keys(out)
 
-    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str = "llava",
+    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str | None = None,
               strict: bool = False, **_: Any) -> dict[str, Any]:
-        """Per-subtask ``acc`` / ``acc_plus`` (percent) and ``score``; ``perception``, ``cognition`` and ``total``."""
-        if protocol not in ("llava", "lmms_eval"):
-            raise ValueError(f"mme: unknown protocol {protocol!r} (llava, lmms_eval)")
+        """Per-subtask ``acc`` / ``acc_plus`` (percent) and ``score``; ``perception``, ``cognition`` and ``total``
+        (``protocol`` defaults to the one the questions were loaded with)."""
+        protocol = scoring_protocol(self.name, questions, protocol)
         parse = mme_parse if protocol == "llava" else mme_parse_lmms
         scored = [q for q in questions if q.answers]
         if not scored:
@@ -167,6 +223,8 @@ class MME(BenchmarkBase):
         n_other = 0
         for q, text in zip(scored, texts):
             gt = q.answers[0].lower()
+            if protocol == "lmms_eval":
+                gt = gt.strip().replace(".", "")
             if gt not in ("yes", "no"):
                 raise ValueError(f"mme: ground truth of {q.key!r} is {q.answers[0]!r}, not yes/no")
             pred = parse(text)
@@ -188,6 +246,7 @@ class MME(BenchmarkBase):
         cognition = sum(per[t]["score"] for t in COGNITION if t in per)
         return {"perception": perception, "cognition": cognition, "total": perception + cognition,
                 "n": len(scored), "n_missing": n_missing, "n_other": n_other, "protocol": protocol,
+                "scorer": self.scorers[protocol],
                 "missing_subtasks": [t for t in PERCEPTION + COGNITION if t not in per],
                 "per_subtask": per}
 

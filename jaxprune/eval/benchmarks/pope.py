@@ -12,7 +12,13 @@ Official pieces reproduced (haotian-liu/LLaVA @ c121f0432da27facab705978f83c4ada
   lines, 8,910 in all; ``llava_pope_test.jsonl`` is line-for-line aligned with those files, checked).
 * ``protocol="lmms_eval"``: lmms-eval ``pope`` (@ 75571cfe): ``pred = text.lower().strip()`` compared to the label,
   no parsing; precision counts predicted "yes", recall's false negatives are predictions exactly "no", and its
-  ``yes_ratio`` is the ratio of *ground-truth* yes.
+  ``yes_ratio`` is the ratio of *ground-truth* yes; accuracy / precision / recall / F1 over *all* rows (not the mean
+  of the splits).  Prompt ``question.strip() + "\nAnswer the question using a single word or phrase."``.
+
+lmms-lab layout (``lmms-lab/POPE``, config ``default``, split ``test``; 9,000 rows: random has 3,000 where LLaVA's
+label files have 2,910): columns ``question_id`` (the label file's per-category id), ``question``, ``answer``,
+``category``, ``image`` (``{"bytes", "path"}``), ``image_source`` (COCO file stem), ``id``.  Questions get LLaVA's
+ids (category offset + ``question_id``) so answers files and keys agree with ``llava_pope_test.jsonl``.
 
 Labels are attached by order within each category at load time (the official zip); the loader checks that image and
 question agree line by line and raises otherwise (``check_alignment=False`` to skip).  Deviations: answers are
@@ -27,7 +33,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import SHORT_ANSWER_SUFFIX, BenchmarkBase, BenchmarkFormatError, Question, assign_keys, collect_answers, pct
+from . import hfdata
+from .base import (
+    PROTOCOLS,
+    SHORT_ANSWER_SUFFIX,
+    BenchmarkBase,
+    BenchmarkFormatError,
+    Question,
+    assign_keys,
+    check_protocol,
+    collect_answers,
+    pct,
+    scoring_protocol,
+    tag_protocol,
+)
 from .files import find_file, load_llava_questions, read_jsonl
 
 LLAVA_QUESTION_FILES = ("llava_pope_test.jsonl",)
@@ -54,6 +73,32 @@ def read_label_dir(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
     if not out:
         raise FileNotFoundError(f"pope: no coco_pope_*.json label files in {folder}")
     return out
+
+
+def load_lmms_pope(root: str | Path, protocol: str = "llava", *, config: str | None = None, split: str | None = None,
+                   check_images: bool = True) -> list[Question]:
+    """``lmms-lab/POPE`` rows as questions (see the module docstring)."""
+    table = hfdata.select_table(root, "lmms-lab/POPE", (None, "Full"), ("test",), config=config, split=split)
+    out: list[Question] = []
+    seen: dict = {}
+    for path, row, rec in hfdata.read_rows(table, ("question_id", "question", "answer", "category", "image"),
+                                           ("image_source", "id")):
+        question = hfdata.require(path, row, rec, "question", str)
+        answer = hfdata.require(path, row, rec, "answer", str)
+        category = hfdata.require(path, row, rec, "category", str)
+        raw_id = hfdata.require(path, row, rec, "question_id", (str, int))
+        hfdata.check_unique(seen, (category, str(raw_id)), path, row, "(category, question_id)")
+        try:
+            raw_id = int(raw_id)                    # the label files' int id (a string column in lmms-lab/POPE)
+            qid: int | str = QID_OFFSETS[category] + raw_id
+        except (KeyError, ValueError):
+            qid = f"{category}/{raw_id}"
+        text = (question.strip() if protocol == "lmms_eval" else question) + SHORT_ANSWER_SUFFIX
+        out.append(Question(question_id=qid, text=text, answers=[answer], category=category,
+                            image_blob=hfdata.image_blob(path, row, rec, check=check_images),
+                            metadata={"label_question_id": raw_id, "image_source": rec.get("image_source"),
+                                      "lmms_id": rec.get("id")}))
+    return assign_keys(out)
 
 
 def _metrics(preds: list[int], labels: list[int]) -> dict[str, Any]:
@@ -86,9 +131,29 @@ class POPE(BenchmarkBase):
     name = "pope"
     layout = "llava_pope_test.jsonl + coco/coco_pope_{adversarial,popular,random}.json (labels) + val2014/"
 
-    def load(self, root: str | Path, *, question_file: str | Path | None = None,
-             annotation_dir: str | Path | None = None, image_folder: str | Path | None = None,
-             check_alignment: bool = True, **_: Any) -> list[Question]:
+    protocols = PROTOCOLS
+    layout_lmms = "lmms-lab/POPE: parquet shards / datasets cache / save_to_disk (test split)"
+
+    def load(self, root: str | Path, *, protocol: str = "llava", question_file: str | Path | None = None,
+             config: str | None = None, split: str | None = None, check_images: bool = True,
+             **kw: Any) -> list[Question]:
+        """LLaVA's layout (:meth:`load_official`) or, where ``root`` holds none of its files, the lmms-lab dataset
+        (:func:`load_lmms_pope`); ``protocol`` picks the prompts and the default scorer."""
+        check_protocol(self.name, protocol)
+        qs = hfdata.load_either(
+            root, [question_file or LLAVA_QUESTION_FILES[0], kw.get("annotation_dir") or "coco"],
+            lambda: self.load_official(root, question_file=question_file, **kw),
+            lambda: load_lmms_pope(root, protocol, config=config, split=split, check_images=check_images),
+            "lmms-lab/POPE")
+        if protocol == "lmms_eval":
+            for q in qs:
+                if q.text.endswith(SHORT_ANSWER_SUFFIX):
+                    q.text = q.text[:-len(SHORT_ANSWER_SUFFIX)].strip() + SHORT_ANSWER_SUFFIX
+        return tag_protocol(qs, protocol)
+
+    def load_official(self, root: str | Path, *, question_file: str | Path | None = None,
+                      annotation_dir: str | Path | None = None, image_folder: str | Path | None = None,
+                      check_alignment: bool = True, **_: Any) -> list[Question]:
         """``llava_pope_test.jsonl`` (images ``val2014/``) with labels from ``coco/coco_pope_*.json`` by order within
         each category; without the LLaVA file the questions are built from the label files (LLaVA's id offsets,
         category order and short-answer suffix)."""
@@ -128,11 +193,15 @@ class POPE(BenchmarkBase):
                                     metadata={"label_question_id": r["question_id"]}))
         return assign_keys(out)
 
-    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str = "llava",
+    scorers = {"llava": "LLaVA eval_pope.py (yes/no parser, mean F1 of the splits)",
+               "lmms_eval": "lmms-eval pope (exact yes/no, metrics over all rows)"}
+
+    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str | None = None,
               strict: bool = False, **_: Any) -> dict[str, Any]:
-        """Per-split accuracy / precision / recall / F1 / yes-ratio (percent); headline ``f1`` = mean split F1."""
-        if protocol not in ("llava", "lmms_eval"):
-            raise ValueError(f"pope: unknown protocol {protocol!r} (llava, lmms_eval)")
+        """Per-split accuracy / precision / recall / F1 / yes-ratio (percent); headline ``f1`` = mean split F1
+        (``llava``) or F1 over all rows (``lmms_eval``); ``protocol`` defaults to the one the questions were loaded
+        with."""
+        protocol = scoring_protocol(self.name, questions, protocol)
         scored = [q for q in questions if q.answers]
         if not scored:
             raise ValueError("pope: no question has a label (load the coco/coco_pope_*.json files)")
@@ -154,5 +223,6 @@ class POPE(BenchmarkBase):
             for cat, idx in cats.items():
                 per[cat] = _lmms_metrics([preds_all[i] for i in idx], [gts_all[i] for i in idx])
             out = {k: v for k, v in _lmms_metrics(preds_all, gts_all).items() if k != "n"}
-        out.update(n=len(scored), n_missing=n_missing, protocol=protocol, per_category=per)
+        out.update(n=len(scored), n_missing=n_missing, protocol=protocol, scorer=self.scorers[protocol],
+                   per_category=per)
         return out

@@ -17,6 +17,17 @@ Official pieces reproduced (haotian-liu/LLaVA @ c121f0432da27facab705978f83c4ada
   ``{question}\\nA. {c0}\\nB. {c1}...``;
   :func:`build_human_turn` rebuilds it from ``problems.json`` (UNVERIFIED against problems.json itself, which is not
   in the public copies).
+* ``protocol="lmms_eval"``: lmms-eval ``scienceqa_img`` (@ 75571cfe, ``lmms_eval/tasks/scienceqa/utils.py``): prompt
+  ``{"Context: " + hint + "\n" if hint}{question}\nA. ...\nB. ...`` + the same suffix (no strip; a whitespace-only
+  hint still gets its ``Context:`` line); score = mean of ``sqa_process_results`` over the rows: the stripped
+  prediction equals the letter case-insensitively, or starts with an upper-case letter followed by ``.`` (``"B."``,
+  ``"B.x"``) whose lowercase is the letter.  Differences from eval_science_qa.py: ``"b"`` and ``"B."`` are right there
+  (FAILED here), ``"The answer is B."`` is wrong there (right here), ``" B"`` is right there (FAILED here).
+
+lmms-lab layout (``lmms-lab/ScienceQA``, config ``ScienceQA-IMG``, split ``test``, 2,017 rows): columns ``question``,
+``choices`` (list), ``answer`` (index), ``hint``, ``image``, and ``subject``, ``topic``, ``category``, ``skill``,
+``grade``, ``task``, ``lecture``, ``solution``.  There is no problem id: ``question_id`` is the row's position in the
+split (0-based, shard order), so keys differ from the LLaVA file's problem ids (same prompts and answers).
 """
 
 from __future__ import annotations
@@ -26,15 +37,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import hfdata
 from .base import (
+    PROTOCOLS,
     MC_LETTER_SUFFIX,
     BenchmarkBase,
     BenchmarkFormatError,
     MissingAnswersError,
     Question,
     assign_keys,
+    check_protocol,
     lookup_answer,
     pct,
+    scoring_protocol,
+    tag_protocol,
 )
 from .files import find_file, read_json
 
@@ -56,6 +72,55 @@ def parse_sqa_letter(pred: str) -> str:
 def letter_index(letter: str, n_choices: int) -> int:
     """``get_pred_idx``: index of the letter among the first ``n_choices`` options, else -1."""
     return OPTIONS.index(letter) if letter in OPTIONS[:n_choices] else -1
+
+
+def lmms_sqa_correct(pred: str, letter: str) -> bool:
+    """lmms-eval ``sqa_process_results`` (after the pipeline's strip) for the right ``letter``."""
+    pred = pred.strip()
+    target = letter.strip().lower()
+    if pred.lower() == target:
+        return True
+    if len(pred) >= 2 and pred[0].isupper() and pred[1] == ".":
+        return pred[0].lower() == target
+    return False
+
+
+def lmms_sqa_text(problem: Mapping[str, Any]) -> str:
+    """lmms-eval ``sqa_doc_to_text`` (format ``default``) for a problem with ``hint``, ``question``, ``choices``."""
+    context = problem.get("hint") or ""
+    if context:
+        context = f"Context: {context}\n"
+    choices = "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(problem["choices"]))
+    return f"{context}{problem['question']}\n{choices}{MC_LETTER_SUFFIX}"
+
+
+def load_lmms_scienceqa(root: str | Path, protocol: str = "llava", *, config: str | None = None,
+                        split: str | None = None, check_images: bool = True) -> list[Question]:
+    """``lmms-lab/ScienceQA`` (``ScienceQA-IMG``) rows as questions (see the module docstring)."""
+    table = hfdata.select_table(root, "lmms-lab/ScienceQA", ("ScienceQA-IMG", None), ("test",), config=config,
+                                split=split)
+    out: list[Question] = []
+    n = 0
+    for path, row, rec in hfdata.read_rows(table, ("question", "choices", "answer", "hint"),
+                                           ("image", "subject", "topic", "category", "skill", "grade", "task")):
+        hfdata.require(path, row, rec, "question", str)
+        choices = hfdata.require(path, row, rec, "choices", list)
+        answer = hfdata.require(path, row, rec, "answer", int)
+        if not all(isinstance(c, str) for c in choices) or not 0 <= answer < min(len(choices), len(OPTIONS)):
+            raise BenchmarkFormatError(path, f"row {row}, column 'answer': {answer!r} is not an index into "
+                                             f"{len(choices)} choices")
+        blob = hfdata.image_blob(path, row, rec, check=check_images) if rec.get("image") is not None else None
+        prob = {"hint": rec.get("hint") or "", "question": rec["question"], "choices": choices}
+        meta = {k: rec.get(k) for k in ("subject", "topic", "category", "skill", "grade", "hint")}
+        meta["answer_index"] = answer
+        q = _question(n, build_human_turn(prob), "embedded" if blob is not None else None, Path("."),
+                      OPTIONS[answer], len(choices), dict(zip(OPTIONS, choices)), meta)
+        q.image, q.image_root, q.image_blob = None, None, blob
+        if protocol == "lmms_eval":
+            q.text = lmms_sqa_text(prob)
+        out.append(q)
+        n += 1
+    return assign_keys(out)
 
 
 def build_human_turn(problem: Mapping[str, Any]) -> str:
@@ -101,9 +166,30 @@ class ScienceQA(BenchmarkBase):
     name = "scienceqa"
     layout = "llava_test_CQM-A.json and/or problems.json + pid_splits.json (ground truth), images/test/"
 
-    def load(self, root: str | Path, *, question_file: str | Path | None = None,
-             problems_file: str | Path | None = None, splits_file: str | Path | None = None, split: str = "test",
-             image_folder: str | Path | None = None, image_only: bool = False, **_: Any) -> list[Question]:
+    protocols = PROTOCOLS
+    layout_lmms = "lmms-lab/ScienceQA: parquet shards / datasets cache / save_to_disk (ScienceQA-IMG, test)"
+    scorers = {"llava": "LLaVA eval_science_qa.py (letter parser, IMG accuracy)",
+               "lmms_eval": "lmms-eval scienceqa_img (sqa_process_results)"}
+
+    def load(self, root: str | Path, *, protocol: str = "llava", question_file: str | Path | None = None,
+             problems_file: str | Path | None = None, config: str | None = None, split: str | None = None,
+             check_images: bool = True, **kw: Any) -> list[Question]:
+        """LLaVA's layout (:meth:`load_official`) or, where ``root`` holds none of its files, the lmms-lab dataset
+        (:func:`load_lmms_scienceqa`); ``protocol`` picks the prompts and the default scorer."""
+        check_protocol(self.name, protocol)
+        qs = hfdata.load_either(
+            root, [question_file or LLAVA_QUESTION_FILES[0], problems_file or "problems.json"],
+            lambda: self.load_official(root, question_file=question_file, problems_file=problems_file,
+                                       **({"split": split} if split else {}), **kw),
+            lambda: load_lmms_scienceqa(root, protocol, config=config, split=split, check_images=check_images),
+            "lmms-lab/ScienceQA")
+        # official files + lmms_eval: LLaVA's prompt is kept (lmms-eval's but for whitespace around hint / question)
+        return tag_protocol(qs, protocol)
+
+    def load_official(self, root: str | Path, *, question_file: str | Path | None = None,
+                      problems_file: str | Path | None = None, splits_file: str | Path | None = None,
+                      split: str = "test", image_folder: str | Path | None = None, image_only: bool = False,
+                      **_: Any) -> list[Question]:
         """``llava_test_CQM-A.json`` (images ``images/test/``) and/or ``problems.json`` + ``pid_splits.json``.
 
         With ``problems.json`` the question list is the split's problem ids (as eval_science_qa.py iterates them; the
@@ -162,9 +248,11 @@ class ScienceQA(BenchmarkBase):
             out = [q for q in out if q.image]
         return assign_keys(out)
 
-    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, strict: bool = False,
-              **_: Any) -> dict[str, Any]:
-        """``accuracy`` (all loaded problems) and ``img_accuracy`` (LLaVA's SQA number), percent; per subject."""
+    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str | None = None,
+              strict: bool = False, **_: Any) -> dict[str, Any]:
+        """``accuracy`` (all loaded problems) and ``img_accuracy`` (LLaVA's SQA number), percent; per subject
+        (``protocol`` defaults to the one the questions were loaded with)."""
+        protocol = scoring_protocol(self.name, questions, protocol)
         n = correct = n_img = correct_img = n_failed = 0
         per: dict[str, list[int]] = {}
         missing: list[str] = []
@@ -175,8 +263,12 @@ class ScienceQA(BenchmarkBase):
                 letter, multimodal = "FAILED", False  # official: pred 'FAILED', prompt 'Unknown'
             else:
                 letter, multimodal = parse_sqa_letter(pred), "<image>" in q.record_prompt
-            n_failed += letter == "FAILED"
-            ok = letter_index(letter, int(q.metadata["n_choices"])) == int(q.metadata["answer_index"])
+            if protocol == "lmms_eval":
+                ok = pred is not None and lmms_sqa_correct(pred, OPTIONS[int(q.metadata["answer_index"])])
+                multimodal = q.has_image
+            else:
+                n_failed += letter == "FAILED"
+                ok = letter_index(letter, int(q.metadata["n_choices"])) == int(q.metadata["answer_index"])
             n += 1
             correct += ok
             if multimodal:
@@ -188,5 +280,6 @@ class ScienceQA(BenchmarkBase):
         if strict and missing:
             raise MissingAnswersError(f"scienceqa: {len(missing)} of {n} questions have no answer ({missing[0]} ...)")
         return {"accuracy": pct(correct, n), "img_accuracy": pct(correct_img, n_img), "n": n, "n_img": n_img,
-                "n_missing": len(missing), "n_failed_parse": n_failed,
+                "n_missing": len(missing), "n_failed_parse": n_failed, "protocol": protocol,
+                "scorer": self.scorers[protocol],
                 "per_subject": {k: pct(c, t) for k, (c, t) in sorted(per.items())}}

@@ -15,6 +15,12 @@ Official pieces reproduced:
   Images: ``SEED-Bench-image/{data_id}`` (SEED-Bench's own loader joins ``data_id`` as is); video questions use the
   middle frame ``SEED-Bench-video-image/{question_type_id}_{question_id}.png`` (layout of ``llava-seed-bench.jsonl`` as
   seen in third-party copies; UNVERIFIED against the file itself).
+
+lmms-lab layout (``lmms-lab/SEED-Bench``, split ``test``): columns ``question_id``, ``question``, ``choice_a`` ..
+``choice_d``, ``answer``, ``data_type``, ``question_type_id``, ``data_id``, ``image`` (a *list* of images:
+``seed_doc_to_visual`` passes them all).  A row with several images (video questions) gives LLaVA its middle one
+(LLaVA's own SEED files hold the video's middle frame; that the two coincide is UNVERIFIED).  Question type names
+come from :data:`SEED_QUESTION_TYPES` (SEED-Bench v1's ``question_type`` table).  The lmms-eval prompt is LLaVA's.
 """
 
 from __future__ import annotations
@@ -24,15 +30,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import hfdata
 from .base import (
+    PROTOCOLS,
     MC_LETTER_SUFFIX,
     BenchmarkBase,
     BenchmarkFormatError,
     Question,
     assign_keys,
+    check_protocol,
     collect_answers,
     lookup_answer,
     pct,
+    scoring_protocol,
+    tag_protocol,
 )
 from .files import find_file, load_llava_questions, read_json
 
@@ -40,6 +51,33 @@ LLAVA_QUESTION_FILES = ("llava-seed-bench.jsonl",)
 ANNOTATION_FILES = ("SEED-Bench.json",)
 _REQUIRED = ("question_id", "question", "answer", "choice_a", "choice_b", "choice_c", "choice_d", "data_type",
              "question_type_id")
+
+
+#: SEED-Bench v1 ``question_type`` (``SEED-Bench.json``): name of each ``question_type_id``.
+SEED_QUESTION_TYPES = {1: "Scene Understanding", 2: "Instance Identity", 3: "Instance Attributes",
+                       4: "Instance Location", 5: "Instances Counting", 6: "Spatial Relation",
+                       7: "Instance Interaction", 8: "Visual Reasoning", 9: "Text Understanding",
+                       10: "Action Recognition", 11: "Action Prediction", 12: "Procedure Understanding"}
+
+
+def load_lmms_seed(root: str | Path, protocol: str = "llava", *, config: str | None = None, split: str | None = None,
+                   check_images: bool = True, names: Mapping[int, str] | None = None) -> list[Question]:
+    """``lmms-lab/SEED-Bench`` rows as questions (see the module docstring)."""
+    table = hfdata.select_table(root, "lmms-lab/SEED-Bench", (None,), ("test",), config=config, split=split)
+    names = SEED_QUESTION_TYPES if names is None else names
+    out: list[Question] = []
+    seen: dict = {}
+    for path, row, rec in hfdata.read_rows(table, _REQUIRED + ("image",), ("data_id",)):
+        for col in ("question", "answer", "choice_a", "choice_b", "choice_c", "choice_d", "data_type"):
+            hfdata.require(path, row, rec, col, str)
+        qid = hfdata.require(path, row, rec, "question_id", (str, int))
+        hfdata.require(path, row, rec, "question_type_id", (int, str))
+        hfdata.check_unique(seen, str(qid), path, row, "question_id")
+        q = Question(question_id=qid, text=build_prompt(rec),
+                     image_blob=hfdata.image_blob(path, row, rec, check=check_images))
+        _attach(q, rec, names)
+        out.append(q)
+    return assign_keys(out)
 
 
 def read_seed_annotations(path: str | Path) -> tuple[list[dict[str, Any]], dict[int, str]]:
@@ -78,9 +116,29 @@ class SEEDBench(BenchmarkBase):
     layout = "llava-seed-bench.jsonl (image paths relative to the root) + SEED-Bench.json (ground truth)"
     has_submission = True
 
-    def load(self, root: str | Path, *, question_file: str | Path | None = None,
-             annotation_file: str | Path | None = None, image_folder: str | Path | None = None,
-             data_type: str | None = None, **_: Any) -> list[Question]:
+    protocols = PROTOCOLS
+    layout_lmms = "lmms-lab/SEED-Bench: parquet shards / datasets cache / save_to_disk (test split)"
+    scorers = {"llava": "LLaVA convert_seed_for_submission.py (exact string match)",
+               "lmms_eval": "lmms-eval seedbench (first character, case-insensitive)"}
+
+    def load(self, root: str | Path, *, protocol: str = "llava", question_file: str | Path | None = None,
+             annotation_file: str | Path | None = None, data_type: str | None = None, config: str | None = None,
+             split: str | None = None, check_images: bool = True, **kw: Any) -> list[Question]:
+        """LLaVA's layout (:meth:`load_official`) or, where ``root`` holds none of its files, the lmms-lab dataset
+        (:func:`load_lmms_seed`); ``protocol`` picks the default scorer (both use the same prompt)."""
+        check_protocol(self.name, protocol)
+        qs = hfdata.load_either(
+            root, [question_file or LLAVA_QUESTION_FILES[0], annotation_file or ANNOTATION_FILES[0]],
+            lambda: self.load_official(root, question_file=question_file, annotation_file=annotation_file, **kw),
+            lambda: load_lmms_seed(root, protocol, config=config, split=split, check_images=check_images),
+            "lmms-lab/SEED-Bench")
+        if data_type is not None:
+            qs = [q for q in qs if q.split == data_type]
+        return tag_protocol(qs, protocol)
+
+    def load_official(self, root: str | Path, *, question_file: str | Path | None = None,
+                      annotation_file: str | Path | None = None, image_folder: str | Path | None = None,
+                      data_type: str | None = None, **_: Any) -> list[Question]:
         """``llava-seed-bench.jsonl`` (image paths relative to ``root``) with ground truth from ``SEED-Bench.json``;
         without the LLaVA file, questions built from the annotation.  ``data_type`` ("image"/"video") filters."""
         root = Path(root)
@@ -115,11 +173,11 @@ class SEEDBench(BenchmarkBase):
             qs = [q for q in qs if q.split == data_type]
         return qs
 
-    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str = "llava",
+    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str | None = None,
               strict: bool = False, **_: Any) -> dict[str, Any]:
-        """Accuracy (percent): ``accuracy`` (all), ``image``, ``video``, ``per_question_type``."""
-        if protocol not in ("llava", "lmms_eval"):
-            raise ValueError(f"seed: unknown protocol {protocol!r} (llava, lmms_eval)")
+        """Accuracy (percent): ``accuracy`` (all), ``image``, ``video``, ``per_question_type`` (``protocol`` defaults
+        to the one the questions were loaded with)."""
+        protocol = scoring_protocol(self.name, questions, protocol)
         scored = [q for q in questions if q.answers]
         if not scored:
             raise ValueError("seed: no question has a ground-truth answer (load SEED-Bench.json)")
@@ -140,7 +198,8 @@ class SEEDBench(BenchmarkBase):
             per_split.setdefault(str(q.split), []).append(ok)
         acc = lambda xs: pct(sum(xs), len(xs))
         flat = [x for v in per_type.values() for x in v]
-        out: dict[str, Any] = {"accuracy": acc(flat), "n": len(flat), "n_missing": n_missing, "protocol": protocol}
+        out: dict[str, Any] = {"accuracy": acc(flat), "n": len(flat), "n_missing": n_missing, "protocol": protocol,
+                               "scorer": self.scorers[protocol]}
         for split in ("image", "video"):
             if split in per_split:
                 out[split] = acc(per_split[split])

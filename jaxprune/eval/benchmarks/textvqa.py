@@ -16,6 +16,16 @@ the TextVQA Rosetta OCR file (``TextVQA_Rosetta_OCR_v0.2_val.json``) or an ``ocr
 is used here (UNVERIFIED that this matches token for token).  ``ocr=False`` gives the 2-line prompt.  lmms-eval
 ``textvqa_val`` scores the same way but omits OCR by default: every score reports ``ocr_in_prompt``.
 
+``protocol="lmms_eval"``: lmms-eval ``textvqa_val`` (@ 75571cfe, ``lmms_eval/tasks/textvqa/utils.py``): prompt
+``question.capitalize()`` + the suffix, **without** the OCR line (its default ``ocr: false``; ``ocr=True`` adds it in
+LLaVA's format; for LLaVA's question file the OCR line is removed); score = the same EvalAI processing and leave-one-out
+soft accuracy, without m4c's assertion of exactly 10 answers.
+
+lmms-lab layout (``lmms-lab/textvqa``, split ``validation``): columns ``question_id``, ``question``, ``image_id``,
+``answers`` (list of 10 str), ``ocr_tokens`` (list of str), ``image``, plus ``question_tokens``, ``image_classes``,
+``set_name``, sizes and Flickr URLs.  As in LLaVA's file, ``question_id`` is the image id (the TextVQA question id is
+kept in ``metadata["textvqa_question_id"]``).
+
 Deviation: eval_textvqa.py raises (KeyError) for an answer whose question is not in the annotation file; here such
 questions are left unscored and counted in ``n_without_ground_truth``.
 """
@@ -27,8 +37,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import SHORT_ANSWER_SUFFIX, BenchmarkBase, BenchmarkFormatError, Question, assign_keys, collect_answers
-from .evalai import textvqa_accuracy
+from . import hfdata
+from .base import (
+    PROTOCOLS,
+    SHORT_ANSWER_SUFFIX,
+    BenchmarkBase,
+    BenchmarkFormatError,
+    Question,
+    assign_keys,
+    check_protocol,
+    collect_answers,
+    scoring_protocol,
+    tag_protocol,
+)
+from .evalai import evalai_normalize, leave_one_out_accuracy, textvqa_accuracy
 from .files import find_file, load_llava_questions, read_json
 
 LLAVA_QUESTION_FILES = ("llava_textvqa_val_v051_ocr.jsonl",)
@@ -87,15 +109,79 @@ def read_ocr(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
+def lmms_textvqa_accuracy(pred: str, gt_answers: Sequence[str]) -> float:
+    """lmms-eval ``textvqa_process_results``: EvalAI-normalised prediction and answers, leave-one-out soft score."""
+    gts = [evalai_normalize(a) for a in gt_answers]
+    return leave_one_out_accuracy(evalai_normalize(pred.strip()), gts)
+
+
+def drop_ocr_line(text: str) -> str:
+    """A LLaVA TextVQA prompt without its ``Reference OCR token:`` line."""
+    return "\n".join(line for line in text.split("\n") if not line.startswith(OCR_MARKER.strip()))
+
+
+def load_lmms_textvqa(root: str | Path, protocol: str = "llava", *, ocr: bool = True, config: str | None = None,
+                      split: str | None = None, check_images: bool = True) -> list[Question]:
+    """``lmms-lab/textvqa`` rows as questions (see the module docstring)."""
+    table = hfdata.select_table(root, "lmms-lab/textvqa", (None,), ("validation", "test", "train"), config=config,
+                                split=split)
+    out: list[Question] = []
+    seen: dict = {}
+    for path, row, rec in hfdata.read_rows(table, ("question_id", "question", "image_id", "image"),
+                                           ("answers", "ocr_tokens")):
+        question = hfdata.require(path, row, rec, "question", str)
+        image_id = hfdata.require(path, row, rec, "image_id", (str, int))
+        hfdata.check_unique(seen, rec["question_id"], path, row, "question_id")
+        tokens = None
+        if ocr:
+            tokens = rec.get("ocr_tokens")
+            if not isinstance(tokens, list):
+                raise BenchmarkFormatError(path, f"row {row}, column 'ocr_tokens': expected a list of str, got "
+                                                 f"{tokens!r:.80} (ocr=False builds prompts without OCR)")
+        answers = rec.get("answers")
+        if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+            raise BenchmarkFormatError(path, f"row {row}, column 'answers': expected a list of str, got "
+                                             f"{answers!r:.80}")
+        out.append(Question(question_id=image_id, text=build_prompt(question, tokens), answers=list(answers or []),
+                            image_blob=hfdata.image_blob(path, row, rec, check=check_images),
+                            metadata={"question": question.lower(), "textvqa_question_id": rec["question_id"]}))
+    return assign_keys(out)
+
+
 class TextVQA(BenchmarkBase):
     """TextVQA val, 5,000 questions (LLaVA-1.5-7B: 58.2 with OCR tokens in the prompt)."""
 
     name = "textvqa"
     layout = "llava_textvqa_val_v051_ocr.jsonl + TextVQA_0.5.1_val.json (ground truth) + train_images/"
 
-    def load(self, root: str | Path, *, question_file: str | Path | None = None,
-             annotation_file: str | Path | None = None, ocr_file: str | Path | None = None,
-             image_folder: str | Path | None = None, ocr: bool = True, **_: Any) -> list[Question]:
+    protocols = PROTOCOLS
+    layout_lmms = "lmms-lab/textvqa: parquet shards / datasets cache / save_to_disk (validation split)"
+    scorers = {"llava": "LLaVA m4c_evaluator.py TextVQAAccuracyEvaluator",
+               "lmms_eval": "lmms-eval textvqa_val (EvalAI processor, leave-one-out)"}
+
+    def load(self, root: str | Path, *, protocol: str = "llava", question_file: str | Path | None = None,
+             annotation_file: str | Path | None = None, ocr: bool | None = None, config: str | None = None,
+             split: str | None = None, check_images: bool = True, **kw: Any) -> list[Question]:
+        """LLaVA's layout (:meth:`load_official`) or, where ``root`` holds none of its files, the lmms-lab dataset
+        (:func:`load_lmms_textvqa`); ``protocol`` picks the prompts (``ocr`` defaults to True for ``llava``, False
+        for ``lmms_eval``) and the default scorer."""
+        check_protocol(self.name, protocol)
+        use_ocr = (protocol == "llava") if ocr is None else bool(ocr)
+        qs = hfdata.load_either(
+            root, [question_file or LLAVA_QUESTION_FILES[0], annotation_file or ANNOTATION_FILES[0]],
+            lambda: self.load_official(root, question_file=question_file, annotation_file=annotation_file,
+                                       ocr=use_ocr, **kw),
+            lambda: load_lmms_textvqa(root, protocol, ocr=use_ocr, config=config, split=split,
+                                      check_images=check_images),
+            "lmms-lab/textvqa")
+        if not use_ocr:
+            for q in qs:
+                q.text = drop_ocr_line(q.text)
+        return tag_protocol(qs, protocol)
+
+    def load_official(self, root: str | Path, *, question_file: str | Path | None = None,
+                      annotation_file: str | Path | None = None, ocr_file: str | Path | None = None,
+                      image_folder: str | Path | None = None, ocr: bool = True, **_: Any) -> list[Question]:
         """LLaVA question file (images ``train_images/``) joined to ``TextVQA_0.5.1_val.json`` as eval_textvqa.py does;
         without the LLaVA file the prompts are built from the annotation file (+ OCR file when ``ocr``)."""
         root = Path(root)
@@ -142,14 +228,18 @@ class TextVQA(BenchmarkBase):
                                           "textvqa_question_id": a.get("question_id")}))
         return assign_keys(out)
 
-    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, strict: bool = False,
-              **_: Any) -> dict[str, Any]:
-        """m4c soft accuracy (percent) over questions with ground truth; ``ocr_in_prompt`` = % of prompts with OCR."""
+    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str | None = None,
+              strict: bool = False, **_: Any) -> dict[str, Any]:
+        """m4c (``llava``) or lmms-eval soft accuracy (percent) over questions with ground truth; ``ocr_in_prompt`` =
+        % of prompts with OCR (``protocol`` defaults to the one the questions were loaded with)."""
+        protocol = scoring_protocol(self.name, questions, protocol)
         scored = [q for q in questions if q.answers]
         if not scored:
             raise ValueError("textvqa: no question has ground-truth answers (load TextVQA_0.5.1_val.json)")
         texts, n_missing = collect_answers(scored, answers, strict, self.name)
-        accs = [textvqa_accuracy(t, q.answers) for q, t in zip(scored, texts)]
+        fn = textvqa_accuracy if protocol == "llava" else lmms_textvqa_accuracy
+        accs = [fn(t, q.answers) for q, t in zip(scored, texts)]
         n_ocr = sum(1 for q in scored if OCR_MARKER in q.text)
         return {"accuracy": 100.0 * sum(accs) / len(accs), "n": len(accs), "n_missing": n_missing,
-                "n_without_ground_truth": len(questions) - len(scored), "ocr_in_prompt": 100.0 * n_ocr / len(scored)}
+                "n_without_ground_truth": len(questions) - len(scored), "ocr_in_prompt": 100.0 * n_ocr / len(scored),
+                "protocol": protocol, "scorer": self.scorers[protocol]}

@@ -16,6 +16,12 @@ Protocols of :meth:`VQAv2.score`:
 * ``"vqaeval"``: vqaEval.py on the raw text; ``"vqaeval_2015"``: the pre-2021 vqaEval.py;
 * ``"lmms_eval"``: lmms-eval ``vqav2_val`` (raw text, punctuation + digit/article processing on both sides).
 
+lmms-lab layout (``lmms-lab/VQAv2``, splits ``validation`` (214,354 rows; what lmms-eval ``vqav2_val`` scores),
+``testdev``, ``test``): columns ``question_id``, ``question``, ``image_id``, ``image``, and on validation ``answers``
+(10 structs ``{answer, answer_confidence, answer_id}``), ``answer_type``, ``question_type``,
+``multiple_choice_answer``.  The prompt (``vqav2_doc_to_text``) is LLaVA's: question + short-answer suffix.  The split
+taken by default is ``validation`` (scored locally), then ``testdev``; ``split=`` picks another.
+
 Deviation: vqaEval.py refuses result files that do not cover every question; here a missing answer scores as ``""``
 (``n_missing`` reports them; ``strict=True`` raises).  Averages are not rounded (vqaEval rounds to 2 decimals).
 """
@@ -27,14 +33,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import hfdata
 from .base import (
     SHORT_ANSWER_SUFFIX,
     BenchmarkBase,
     BenchmarkFormatError,
     Question,
     assign_keys,
+    check_protocol,
     collect_answers,
     lookup_answer,
+    scoring_protocol,
+    tag_protocol,
 )
 from .evalai import evalai_normalize, vqa_accuracy
 from .files import find_file, load_llava_questions, read_json
@@ -82,6 +92,35 @@ def load_raw_vqa(question_file: str | Path, annotation_file: str | Path | None =
     return assign_keys(out)
 
 
+def load_lmms_vqav2(root: str | Path, *, config: str | None = None, split: str | None = None,
+                    check_images: bool = True) -> list[Question]:
+    """``lmms-lab/VQAv2`` rows as questions (see the module docstring)."""
+    table = hfdata.select_table(root, "lmms-lab/VQAv2", (None,), ("validation", "testdev", "test"), config=config,
+                                split=split)
+    out: list[Question] = []
+    seen: dict = {}
+    for path, row, rec in hfdata.read_rows(table, ("question_id", "question", "image_id", "image"),
+                                           ("answers", "answer_type", "question_type", "multiple_choice_answer")):
+        qid = hfdata.require(path, row, rec, "question_id", int)
+        question = hfdata.require(path, row, rec, "question", str)
+        hfdata.check_unique(seen, qid, path, row, "question_id")
+        raw = rec.get("answers")
+        answers: list[str] = []
+        if raw is not None:
+            if not isinstance(raw, list) or not all(isinstance(a, dict) and isinstance(a.get("answer"), str)
+                                                    for a in raw):
+                raise BenchmarkFormatError(path, f"row {row}, column 'answers': expected a list of "
+                                                 f"{{answer, answer_confidence, answer_id}} structs, got {raw!r:.80}")
+            answers = [a["answer"] for a in raw]
+        meta: dict[str, Any] = {"image_id": rec["image_id"], "question": question,
+                                "question_type": rec.get("question_type"), "answer_type": rec.get("answer_type"),
+                                "multiple_choice_answer": rec.get("multiple_choice_answer")}
+        out.append(Question(question_id=qid, text=question + SHORT_ANSWER_SUFFIX, answers=answers,
+                            split=meta["answer_type"], metadata=meta,
+                            image_blob=hfdata.image_blob(path, row, rec, check=check_images)))
+    return assign_keys(out)
+
+
 class VQAv2(BenchmarkBase):
     """VQAv2 (LLaVA: test-dev2015 via the EvalAI server; local soft accuracy on val)."""
 
@@ -90,9 +129,30 @@ class VQAv2(BenchmarkBase):
               "v2_OpenEnded_mscoco_*_questions.json [+ v2_mscoco_val2014_annotations.json] + val2014/")
     has_submission = True
 
-    def load(self, root: str | Path, *, question_file: str | Path | None = None,
-             annotation_file: str | Path | None = None, image_folder: str | Path | None = None,
-             **_: Any) -> list[Question]:
+    layout_lmms = "lmms-lab/VQAv2: parquet shards / datasets cache / save_to_disk (validation / testdev split)"
+    protocols = PROTOCOLS
+    scorers = {"llava": "EvalAI: LLaVA's EvalAIAnswerProcessor then vqaEval.py @ a013f00",
+               "vqaeval": "vqaEval.py @ a013f00 on the raw text",
+               "vqaeval_2015": "vqaEval.py @ 458a8b2 on the raw text",
+               "lmms_eval": "lmms-eval vqav2_val (vqav2_process_results)"}
+
+    def load(self, root: str | Path, *, protocol: str = "llava", question_file: str | Path | None = None,
+             config: str | None = None, split: str | None = None, check_images: bool = True,
+             **kw: Any) -> list[Question]:
+        """LLaVA's layout / the raw VQA json (:meth:`load_official`) or, where ``root`` holds none of their files, the
+        lmms-lab dataset (:func:`load_lmms_vqav2`); ``protocol`` (any of :data:`PROTOCOLS`) is the default scorer
+        (every protocol uses the same prompt)."""
+        check_protocol(self.name, protocol, PROTOCOLS)
+        qs = hfdata.load_either(
+            root, [question_file] if question_file else list(LLAVA_QUESTION_FILES + RAW_QUESTION_FILES),
+            lambda: self.load_official(root, question_file=question_file, **kw),
+            lambda: load_lmms_vqav2(root, config=config, split=split, check_images=check_images),
+            "lmms-lab/VQAv2")
+        return tag_protocol(qs, protocol)
+
+    def load_official(self, root: str | Path, *, question_file: str | Path | None = None,
+                      annotation_file: str | Path | None = None, image_folder: str | Path | None = None,
+                      **_: Any) -> list[Question]:
         """LLaVA question jsonl if present (default ``llava_vqav2_mscoco_test-dev2015.jsonl``, images ``test2015/``),
         else the raw ``v2_OpenEnded_mscoco_*_questions.json`` (images ``val2014/`` ...).  ``annotation_file``
         (default ``v2_mscoco_val2014_annotations.json`` when present) attaches the 10 human answers."""
@@ -118,11 +178,11 @@ class VQAv2(BenchmarkBase):
             return qs
         return load_raw_vqa(qf, af, root / image_folder if image_folder else None)
 
-    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str = "llava",
+    def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, protocol: str | None = None,
               strict: bool = False, **_: Any) -> dict[str, Any]:
-        """Soft VQA accuracy (percent): ``accuracy``, ``per_answer_type``, ``per_question_type``."""
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"vqav2: unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+        """Soft VQA accuracy (percent): ``accuracy``, ``per_answer_type``, ``per_question_type`` (``protocol``
+        defaults to the one the questions were loaded with)."""
+        protocol = scoring_protocol(self.name, questions, protocol, PROTOCOLS)
         scored = [q for q in questions if q.answers]
         if not scored:
             raise ValueError("vqav2: no question has ground-truth answers (test-dev is scored by the EvalAI server: "
@@ -132,6 +192,8 @@ class VQAv2(BenchmarkBase):
         for q, text in zip(scored, texts):
             if protocol == "llava":
                 acc = vqa_accuracy(evalai_normalize(text), q.answers, "vqaeval")
+            elif protocol == "lmms_eval":
+                acc = vqa_accuracy(text.strip(), q.answers, protocol)     # task.py strips every generation
             else:
                 acc = vqa_accuracy(text, q.answers, protocol)
             accs.append(acc)
@@ -140,6 +202,7 @@ class VQAv2(BenchmarkBase):
         mean = lambda xs: 100.0 * sum(xs) / len(xs)
         return {"accuracy": mean(accs), "n": len(accs), "n_missing": n_missing,
                 "n_without_ground_truth": len(questions) - len(scored), "protocol": protocol,
+                "scorer": self.scorers[protocol],
                 "per_answer_type": {k: mean(v) for k, v in sorted(by_atype.items())},
                 "per_question_type": {k: mean(v) for k, v in sorted(by_qtype.items())}}
 
