@@ -80,7 +80,9 @@ def _equal_or_refuse(d: Mapping[str, Any], key: str, where: str, allowed: tuple)
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP ViT vision tower (pre-LN transformer, class token, learned absolute positions)."""
+    """ViT vision tower: CLIP (``kind="clip"``: pre-LN transformer, class token, learned absolute positions,
+    ``pre_layrnorm``) or SigLIP (``kind="siglip"``: no class token, a biased patch conv, no pre-norm; the conv
+    covers ``image_size // patch_size`` patches per side, 384 / 14 -> 27, the last pixels unused)."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -91,14 +93,17 @@ class VisionConfig:
     patch_size: int = 14
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    kind: str = "clip"
 
     def __post_init__(self):
+        if self.kind not in ("clip", "siglip"):
+            raise ConfigError(f"vision tower kind {self.kind!r} is not implemented (clip, siglip)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"vision_config.hidden_size={self.hidden_size} is not divisible by "
                 f"vision_config.num_attention_heads={self.num_attention_heads}"
             )
-        if self.image_size % self.patch_size:
+        if self.kind == "clip" and self.image_size % self.patch_size:
             raise ConfigError(
                 f"vision_config.image_size={self.image_size} is not divisible by "
                 f"vision_config.patch_size={self.patch_size}"
@@ -118,13 +123,41 @@ class VisionConfig:
     def num_patches(self) -> int:
         return self.grid * self.grid
 
+    @property
+    def num_positions(self) -> int:
+        """Rows of the position embedding: the patches, plus the class token on CLIP."""
+        return self.num_patches + (1 if self.kind == "clip" else 0)
+
+    @property
+    def has_cls(self) -> bool:
+        return self.kind == "clip"
+
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], where: str = "vision_config.") -> "VisionConfig":
         mt = d.get("model_type", "clip_vision_model")
-        if mt not in ("clip_vision_model", "clip"):
-            raise ConfigError(f"config field {where}model_type={mt!r} is not implemented (only CLIP)")
+        if mt not in ("clip_vision_model", "clip", "siglip_vision_model"):
+            raise ConfigError(f"config field {where}model_type={mt!r} is not implemented (CLIP or SigLIP)")
         used = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                 "image_size", "patch_size", "hidden_act", "layer_norm_eps"}
+        if mt == "siglip_vision_model":
+            used |= {"vision_use_head"}
+            _equal_or_refuse(d, "vision_use_head", where, (False,))  # the pooling head: LLaVA never runs it
+            for k in ("image_size", "patch_size"):
+                if isinstance(d.get(k), (list, tuple)):
+                    raise ConfigError(f"config field {where}{k}={d[k]!r}: non-square sizes are not implemented")
+            _check_keys(d, used, where)
+            return cls(
+                hidden_size=_int(d, "hidden_size", where, 768),
+                intermediate_size=_int(d, "intermediate_size", where, 3072),
+                num_hidden_layers=_int(d, "num_hidden_layers", where, 12),
+                num_attention_heads=_int(d, "num_attention_heads", where, 12),
+                num_channels=_int(d, "num_channels", where, 3),
+                image_size=_int(d, "image_size", where, 224),
+                patch_size=_int(d, "patch_size", where, 16),
+                hidden_act=str(d.get("hidden_act", "gelu_pytorch_tanh")),
+                layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+                kind="siglip",
+            )
         _check_keys(d, used, where)
         dflt = cls()
         return cls(
@@ -140,12 +173,17 @@ class VisionConfig:
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        return {"model_type": "clip_vision_model", **dataclasses.asdict(self)}
+        d = dataclasses.asdict(self)
+        kind = d.pop("kind")
+        if kind == "siglip":
+            return {"model_type": "siglip_vision_model", "vision_use_head": False, **d}
+        return {"model_type": "clip_vision_model", **d}
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Llama decoder (RMSNorm, RoPE in HF's rotate_half layout, GQA, SwiGLU)."""
+    """Llama decoder (RMSNorm, RoPE in HF's rotate_half layout, GQA, SwiGLU); ``kind="qwen2"``: the same with
+    biases on the q / k / v projections (HF ``Qwen2Attention``; full attention only, no sliding window)."""
 
     vocab_size: int = 32064
     hidden_size: int = 4096
@@ -161,8 +199,16 @@ class TextConfig:
     bos_token_id: int | None = 1
     eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
+    kind: str = "llama"
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on the q / k / v projections (Qwen2); never on ``o_proj``."""
+        return self.kind == "qwen2"
 
     def __post_init__(self):
+        if self.kind not in ("llama", "qwen2"):
+            raise ConfigError(f"decoder kind {self.kind!r} is not implemented (llama, qwen2)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"text_config.num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -175,12 +221,19 @@ class TextConfig:
     def from_hf_dict(cls, d: Mapping[str, Any], where: str = "text_config.",
                      tie_default: bool = False) -> "TextConfig":
         mt = d.get("model_type", "llama")
-        if mt != "llama":
-            raise ConfigError(f"config field {where}model_type={mt!r} is not implemented (only llama)")
+        if mt not in ("llama", "qwen2"):
+            raise ConfigError(f"config field {where}model_type={mt!r} is not implemented (llama, qwen2)")
         used = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
                 "rope_parameters", "hidden_act", "attention_bias", "mlp_bias", "tie_word_embeddings",
                 "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings"}
+        if mt == "qwen2":  # sliding-window fields: only meaningful with use_sliding_window (refused)
+            used |= {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+            _equal_or_refuse(d, "use_sliding_window", where, (False,))
+            lt = d.get("layer_types") or ()
+            if any(t != "full_attention" for t in lt):
+                raise ConfigError(f"config field {where}layer_types={list(lt)!r}: only 'full_attention' layers are "
+                                  "implemented")
         _check_keys(d, used, where)
         _equal_or_refuse(d, "hidden_act", where, ("silu",))
         _equal_or_refuse(d, "attention_bias", where, (False,))
@@ -217,17 +270,22 @@ class TextConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos_t,
             pad_token_id=d.get("pad_token_id"),
+            kind=mt,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d.pop("kind")
         d["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
+        if self.kind == "qwen2":
+            return {"model_type": "qwen2", "hidden_act": "silu", "use_sliding_window": False, **d}
         return {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, **d}
 
 
-MODEL_TYPES = ("llava", "llava_next", "video_llava")
+MODEL_TYPES = ("llava", "llava_next", "video_llava", "llava_onevision")
 _ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                  "video_llava": "VideoLlavaForConditionalGeneration"}
+                  "video_llava": "VideoLlavaForConditionalGeneration",
+                  "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,8 +304,9 @@ class LlavaConfig:
     multimodal_projector_bias: bool = True
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     use_image_newline_parameter: bool = True
-    video_token_index: int | None = None   # video_llava: the video placeholder id (32001)
+    video_token_index: int | None = None   # video_llava / llava_onevision: the video placeholder id (32001 / 151647)
     num_frames: int = 8                    # video_llava: frames per video the processor samples (budgets, eval)
+    vision_aspect_ratio: str = "anyres_max_9"  # llava_onevision: the cap on the packed tile grid
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -267,6 +326,28 @@ class LlavaConfig:
                                   f"from image_token_index={self.image_token_index}")
             if self.num_frames < 1:
                 raise ConfigError(f"num_frames={self.num_frames} must be >= 1")
+        if self.model_type == "llava_onevision":
+            self._check_onevision()
+
+    def _check_onevision(self) -> None:
+        from jaxprune.models.onevision_pack import max_patches
+
+        if self.vision.kind != "siglip":
+            raise ConfigError("config field vision_config.model_type: llava_onevision with a CLIP tower is not "
+                              "implemented (every release uses SigLIP)")
+        if self.vision_feature_select_strategy != "full":
+            raise ConfigError(f"config field vision_feature_select_strategy={self.vision_feature_select_strategy!r}"
+                              " is not implemented for llava_onevision (SigLIP has no CLS to drop; HF's packing "
+                              "needs the full p x p grid)")
+        if self.video_token_index is None or self.video_token_index == self.image_token_index:
+            raise ConfigError(f"config field video_token_index={self.video_token_index!r} must be set and differ "
+                              f"from image_token_index={self.image_token_index}")
+        if not self.image_grid_pinpoints:
+            raise ConfigError("config field image_grid_pinpoints is missing for a llava_onevision model")
+        try:
+            max_patches(self.vision_aspect_ratio)
+        except ValueError as e:
+            raise ConfigError(f"config field {e}") from None
 
     @property
     def feature_layer_index(self) -> int:
@@ -277,7 +358,8 @@ class LlavaConfig:
     @property
     def tokens_per_image(self) -> int:
         """Visual tokens one 1.5-style image contributes (576 for CLIP-L/14-336 with 'default')."""
-        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" and self.vision.has_cls
+                                          else 0)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -296,6 +378,13 @@ class LlavaConfig:
         (``num_frames * (P + 1)`` = 2056: budgets count a video's tokens)."""
         if self.model_type == "video_llava":
             return self.tokens_per_video
+        if self.model_type == "llava_onevision":
+            from jaxprune.models.onevision_pack import max_image_tokens as ov_max, max_patches
+            from jaxprune.processing_anyres import check_pinpoints
+
+            S = self.vision.image_size
+            return ov_max(check_pinpoints(self.image_grid_pinpoints, S), S, self.vision.grid,
+                          max_patches(self.vision_aspect_ratio))
         if self.model_type != "llava_next":
             return self.tokens_per_image
         from jaxprune.processing_anyres import check_pinpoints, max_image_tokens
@@ -312,12 +401,15 @@ class LlavaConfig:
                 "projector_hidden_act", "vision_feature_layer", "vision_feature_select_strategy",
                 "multimodal_projector_bias", "image_seq_length", "tie_word_embeddings", "vocab_size",
                 "pad_token_id"}
-        if mt != "video_llava":
+        if mt in ("llava", "llava_next"):
             used |= {"image_grid_pinpoints", "use_image_newline_parameter"}
         if mt == "video_llava":  # video_seq_length is processor metadata: it gives num_frames when it divides
             used |= {"video_token_index", "video_token_id", "video_seq_length", "num_frames"}
+        if mt == "llava_onevision":
+            used |= {"image_grid_pinpoints", "vision_aspect_ratio", "video_token_index", "video_token_id"}
         _check_keys(d, used, "")
-        vfl = d.get("vision_feature_layer", -2)
+        ov = mt == "llava_onevision"  # HF's LlavaOnevisionConfig defaults differ: -1, "full", 151646
+        vfl = d.get("vision_feature_layer", -1 if ov else -2)
         if isinstance(vfl, (list, tuple)):
             raise ConfigError(f"config field vision_feature_layer={vfl!r}: a list of layers is not implemented")
         if isinstance(vfl, bool) or not isinstance(vfl, int):
@@ -338,14 +430,15 @@ class LlavaConfig:
             vision=vision,
             text=text,
             model_type=mt,
-            image_token_index=int(d.get("image_token_index", d.get("image_token_id", 32000))),
+            image_token_index=int(d.get("image_token_index", d.get("image_token_id", 151646 if ov else 32000))),
             projector_hidden_act=str(d.get("projector_hidden_act", "gelu")),
             vision_feature_layer=int(vfl),
-            vision_feature_select_strategy=str(d.get("vision_feature_select_strategy", "default")),
+            vision_feature_select_strategy=str(d.get("vision_feature_select_strategy", "full" if ov else "default")),
             multimodal_projector_bias=bool(d.get("multimodal_projector_bias", True)),
             image_grid_pinpoints=pins,
             use_image_newline_parameter=bool(d.get("use_image_newline_parameter", True)),
             **(_video_fields(d, vision) if mt == "video_llava" else {}),
+            **(_onevision_fields(d) if mt == "llava_onevision" else {}),
         )
         # image_seq_length is processor metadata (HF's model never reads it; tiny test configs keep 576).
         return cfg
@@ -368,10 +461,21 @@ class LlavaConfig:
         elif self.model_type == "video_llava":
             d.update(image_seq_length=self.tokens_per_image, video_token_index=self.video_token_index,
                      video_seq_length=self.tokens_per_video, num_frames=self.num_frames)
+        elif self.model_type == "llava_onevision":
+            d.update(image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints],
+                     video_token_index=self.video_token_index, vision_aspect_ratio=self.vision_aspect_ratio)
         else:
             d["image_grid_pinpoints"] = [list(p) for p in self.image_grid_pinpoints]
             d["use_image_newline_parameter"] = self.use_image_newline_parameter
         return d
+
+
+def _onevision_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    """``video_token_index`` (HF default 151647) and ``vision_aspect_ratio`` of a LLaVA-OneVision config."""
+    vt = d.get("video_token_index", d.get("video_token_id", 151647))
+    if isinstance(vt, bool) or not isinstance(vt, int):
+        raise ConfigError(f"config field video_token_index must be an int, got {vt!r}")
+    return {"video_token_index": int(vt), "vision_aspect_ratio": str(d.get("vision_aspect_ratio", "anyres_max_9"))}
 
 
 def _video_fields(d: Mapping[str, Any], vision: VisionConfig) -> dict[str, Any]:

@@ -21,7 +21,8 @@ Every key is first normalised (:func:`normalize_hf_key`) to one *normal form* (`
 :func:`jaxprune.models.param_spec.param_shapes` plus an axis permutation:
 
 * Linear ``weight [out, in]`` -> ``kernel [in, out]`` (``.T``), including ``lm_head``;
-* the CLIP patch conv ``[D, C, p, p]`` -> ``[p, p, C, D]`` (``transpose(2, 3, 1, 0)``);
+* the CLIP / SigLIP patch conv ``[D, C, p, p]`` -> ``[p, p, C, D]`` (``transpose(2, 3, 1, 0)``; SigLIP's conv
+  bias and Qwen2's q / k / v biases unchanged);
 * embeddings (token, position), the class embedding, biases and ``image_newline``: unchanged;
 * LayerNorm / RMSNorm ``weight`` -> ``scale`` (unchanged values).
 
@@ -121,6 +122,7 @@ def _clip_rules(t: str, c: str) -> tuple[Rule, ...]:
     return (
         Rule(t + "embeddings.class_embedding", c + "class_embedding"),
         Rule(t + "embeddings.patch_embedding.weight", c + "patch_embedding.kernel", CONV),
+        Rule(t + "embeddings.patch_embedding.bias", c + "patch_embedding.bias"),  # SigLIP
         Rule(t + "embeddings.position_embedding.weight", c + "position_embedding.embedding"),
         Rule(t + "<m>.weight", c + "<m>.scale", None, ("pre_layrnorm", "post_layernorm")),
         Rule(t + "<m>.bias", c + "<m>.bias", None, ("pre_layrnorm", "post_layernorm")),
@@ -143,6 +145,8 @@ RULES: tuple[Rule, ...] = tuple(r for t, c in TOWERS for r in _clip_rules(t, c))
          ("input_layernorm", "post_attention_layernorm")),
     Rule(_L + "layers.<i>.self_attn.<m>.weight", "language.layers.<i>.self_attn.<m>.kernel", LINEAR,
          ("q_proj", "k_proj", "v_proj", "o_proj")),
+    Rule(_L + "layers.<i>.self_attn.<m>.bias", "language.layers.<i>.self_attn.<m>.bias", None,
+         ("q_proj", "k_proj", "v_proj")),  # Qwen2
     Rule(_L + "layers.<i>.mlp.<m>.weight", "language.layers.<i>.mlp.<m>.kernel", LINEAR,
          ("gate_proj", "up_proj", "down_proj")),
     Rule(_L + "norm.weight", "language.norm.scale"),

@@ -98,7 +98,7 @@ def is_original_config(d: Mapping[str, Any]) -> bool:
     if mt == "llava":
         return "text_config" not in d and any(k in d for k in ("mm_vision_tower", "mm_hidden_size",
                                                               "mm_projector_type"))
-    return isinstance(mt, str) and mt.startswith("llava_") and mt != "llava_next"
+    return isinstance(mt, str) and mt.startswith("llava_") and mt not in ("llava_next", "llava_onevision")
 
 
 def clip_vision_dict(d: Mapping[str, Any], where: str) -> dict[str, Any]:

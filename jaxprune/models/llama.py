@@ -1,4 +1,5 @@
-"""Llama decoder (HF ``LlamaModel``): RMSNorm, RoPE (rotate_half), GQA, SwiGLU, static KV cache.
+"""Llama decoder (HF ``LlamaModel``): RMSNorm, RoPE (rotate_half), GQA, SwiGLU, static KV cache. Qwen2 (HF
+``Qwen2Model``, full attention) is the same decoder with biased q / k / v projections (``TextConfig.qkv_bias``).
 
 The decoder is written as per-layer calls so that callers can run it in *segments* (layers
 ``[a, b)``) with a different static sequence length and cache size per segment; in-LLM reducers
@@ -21,11 +22,12 @@ from jaxprune.models.layers import Embed, Linear, RMSNorm
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         H, hd = cfg.hidden_size, cfg.head_dim
-        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(H, cfg.num_attention_heads * hd, **kw)
-        self.k_proj = Linear(H, cfg.num_key_value_heads * hd, **kw)
-        self.v_proj = Linear(H, cfg.num_key_value_heads * hd, **kw)
-        self.o_proj = Linear(cfg.num_attention_heads * hd, H, **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        qkv = dict(bias=cfg.qkv_bias, **kw)  # Qwen2: biased q / k / v, never o_proj
+        self.q_proj = Linear(H, cfg.num_attention_heads * hd, **qkv)
+        self.k_proj = Linear(H, cfg.num_key_value_heads * hd, **qkv)
+        self.v_proj = Linear(H, cfg.num_key_value_heads * hd, **qkv)
+        self.o_proj = Linear(cfg.num_attention_heads * hd, H, bias=False, **kw)
         self.n, self.kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, hd
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):  # x [B, T, H]

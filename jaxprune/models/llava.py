@@ -16,6 +16,7 @@ from jaxprune.config import LlavaConfig
 from jaxprune.models.clip import CLIPVision, VisionTap
 from jaxprune.models.layers import Linear, activation
 from jaxprune.models.llama import LlamaModel
+from jaxprune.models.siglip import SiglipVision
 
 
 class Projector(nnx.Module):
@@ -41,6 +42,8 @@ class LlavaModule(nnx.Module):
         if cfg.model_type == "video_llava":  # two towers of one config (HF: image_tower, video_tower)
             self.image_tower = CLIPVision(cfg.vision, rngs=rngs, **kw)
             self.video_tower = CLIPVision(cfg.vision, rngs=rngs, **kw)
+        elif cfg.vision.kind == "siglip":
+            self.vision = SiglipVision(cfg.vision, rngs=rngs, **kw)
         else:
             self.vision = CLIPVision(cfg.vision, rngs=rngs, **kw)
         self.projector = Projector(cfg, rngs=rngs, **kw)
@@ -49,13 +52,13 @@ class LlavaModule(nnx.Module):
             self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, rngs=rngs, **kw)
         else:
             self.lm_head = None
-        if cfg.model_type == "llava_next":
+        if cfg.model_type in ("llava_next", "llava_onevision"):
             self.image_newline = nnx.Param(
                 (jax.random.normal(rngs.params(), (cfg.text.hidden_size,)) / cfg.text.hidden_size ** 0.5
                  ).astype(param_dtype))
 
     # ---- vision side ---------------------------------------------------------------------------
-    def tower(self, kind: str = "image") -> CLIPVision:
+    def tower(self, kind: str = "image") -> CLIPVision | SiglipVision:
         """The CLIP tower that encodes ``kind`` ("image" or "video"); one-tower families have one for both."""
         if self.cfg.model_type == "video_llava":
             return self.video_tower if kind == "video" else self.image_tower

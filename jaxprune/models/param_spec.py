@@ -29,12 +29,16 @@ def param_shapes(cfg: LlavaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _clip_shapes(cfg: LlavaConfig, tower: str, out: dict) -> None:
+    """CLIP or SigLIP (no class embedding / pre-norm, a biased patch conv, one position per patch)."""
     v = cfg.vision
     D, p, C = v.hidden_size, v.patch_size, v.num_channels
-    out[f"{tower}.class_embedding"] = (D,)
+    if v.has_cls:
+        out[f"{tower}.class_embedding"] = (D,)
     out[f"{tower}.patch_embedding.kernel"] = (p, p, C, D)
-    out[f"{tower}.position_embedding.embedding"] = (v.num_patches + 1, D)
-    for n in ("pre_layrnorm", "post_layernorm"):
+    if not v.has_cls:
+        out[f"{tower}.patch_embedding.bias"] = (D,)
+    out[f"{tower}.position_embedding.embedding"] = (v.num_positions, D)
+    for n in ("pre_layrnorm", "post_layernorm") if v.has_cls else ("post_layernorm",):
         out[f"{tower}.{n}.scale"] = (D,)
         out[f"{tower}.{n}.bias"] = (D,)
     for i in range(v.num_hidden_layers):
@@ -70,11 +74,15 @@ def _text_shapes(cfg: LlavaConfig, D: int, out: dict) -> None:
         out[pre + "self_attn.k_proj.kernel"] = (H, kv)
         out[pre + "self_attn.v_proj.kernel"] = (H, kv)
         out[pre + "self_attn.o_proj.kernel"] = (q, H)
+        if t.qkv_bias:
+            out[pre + "self_attn.q_proj.bias"] = (q,)
+            out[pre + "self_attn.k_proj.bias"] = (kv,)
+            out[pre + "self_attn.v_proj.bias"] = (kv,)
         out[pre + "mlp.gate_proj.kernel"] = (H, t.intermediate_size)
         out[pre + "mlp.up_proj.kernel"] = (H, t.intermediate_size)
         out[pre + "mlp.down_proj.kernel"] = (t.intermediate_size, H)
     out["language.norm.scale"] = (H,)
     if not t.tie_word_embeddings:
         out["lm_head.kernel"] = (H, t.vocab_size)
-    if cfg.model_type == "llava_next":
+    if cfg.model_type in ("llava_next", "llava_onevision"):
         out["image_newline"] = (H,)
