@@ -57,9 +57,9 @@ def test_msvd_end_to_end_resumed_equals_straight(model_dir, msvd, tmp_path):
         assert rec["headline"] is not None and "GPT-3.5" in rec["score"]["official_metric"]
         e = rec["efficiency"]
         assert e["ttft_ms"] > 0 and e["kv_cache_bytes"] > 0
-        merge = [json.loads(x) for x in Path(rec["submission"]).read_text().splitlines()]
+        merge = [json.loads(x) for x in Path(rec["outputs"]["predictions"]).read_text().splitlines()]
         assert [m["id"] for m in merge] == list(range(6)) and set(merge[0]) == {"id", "question", "answer", "pred"}
-        reqs = (Path(rec["submission"]).parent / "judge_requests.jsonl").read_text().splitlines()
+        reqs = Path(rec["outputs"]["judge_requests"]).read_text().splitlines()
         assert len(reqs) == 6 and json.loads(reqs[0])["body"]["model"] == "gpt-3.5-turbo"
     full, dy = runs["full"]["efficiency"], runs["dycoke_40"]["efficiency"]
     assert full["visual_tokens_full"] == FRAMES * 17 and dy["visual_tokens"] < full["visual_tokens"]

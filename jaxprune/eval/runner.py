@@ -57,10 +57,7 @@ HEADLINE: dict[str, str | None] = {"pope": "f1", "gqa": "accuracy", "textvqa": "
 #: Submission file (relative to the run folder) per benchmark that has one.
 SUBMISSION: dict[str, str] = {"vqav2": "vqav2_evalai_submission.json", "gqa": "testdev_balanced_predictions.json",
                               "mme": "mme_answers", "mmbench": "mmbench_submission.tsv",
-                              "seed": "seed_submission.jsonl", "mmvet": "mmvet_submission.json",
-                              # Video-LLaVA's merged predictions (+ judge_requests.jsonl beside them)
-                              "msvd_qa": "merge.jsonl", "msrvtt_qa": "merge.jsonl", "tgif_qa": "merge.jsonl",
-                              "activitynet_qa": "merge.jsonl"}
+                              "seed": "seed_submission.jsonl", "mmvet": "mmvet_submission.json"}
 
 
 @dataclasses.dataclass
@@ -303,6 +300,7 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
         texts = {k: r["text"] for k, r in done.items()}
         score, note = _score(bench, questions, texts)
         submission = _submission(bench, questions, texts, run_dir)
+        outputs = _outputs(bench, questions, texts, run_dir)
         metric = HEADLINE.get(bench.name)
         record = {
             "benchmark": bench.name, "run": spec.label, "reducer": spec.name, "budget": spec.budget,
@@ -312,6 +310,7 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
             "headline_metric": metric,
             "headline": (score or {}).get(metric) if metric else None,
             "score": score, "score_note": note, "submission": submission,
+            **({"outputs": outputs} if outputs else {}),
             "batch_size": B, "max_new_tokens": max_new, "devices": eff.device_description(ctx.mesh),
             "efficiency": efficiency, "compile": compile_recs, "wall_s": wall,
             "answers_file": str(answers.path),
@@ -418,6 +417,18 @@ def _submission(bench: Any, questions: Sequence[Question], texts: dict[str, str]
         return str(bench.write_submission(questions, texts, run_dir / name, **kw))
     except Exception as e:  # noqa: BLE001 - a submission writer refusing (e.g. SEED with skipped questions)
         return f"not written: {type(e).__name__}: {e}"
+
+
+def _outputs(bench: Any, questions: Sequence[Question], texts: dict[str, str], run_dir: Path) -> dict[str, str]:
+    """Files a benchmark writes beside the answers for its official scoring elsewhere (video QA: Video-LLaVA's
+    ``merge.jsonl`` and the GPT judge's requests): ``bench.write_predictions``, where it has one."""
+    write = getattr(bench, "write_predictions", None)
+    if write is None:
+        return {}
+    try:
+        return write(questions, texts, run_dir)
+    except Exception as e:  # noqa: BLE001 - a writer refusing must not lose the run's score
+        return {"error": f"not written: {type(e).__name__}: {e}"}
 
 
 class _NoBar:

@@ -24,7 +24,7 @@ Official pieces reproduced (PKU-YuanGroup/Video-LLaVA @ 984e65b):
   ASSISTANT:`` (:func:`jaxprune.processing_video.build_prompt`, the ``-hf`` checkpoints' template).  Deviation: the
   original release's script wraps it in its ``llava_v1`` conversation (system prompt first, eight ``<image>``).
   Generation: greedy, ``max_new_tokens`` 1024 (the script's), output stripped.
-* **Predictions** (:meth:`VideoQA.write_submission`): ``merge.jsonl``, one ``{"id", "question", "answer", "pred"}``
+* **Predictions** (:meth:`VideoQA.write_predictions`, called by the harness for every run): ``merge.jsonl``, one ``{"id", "question", "answer", "pred"}``
   per answered question in question-file order -- what ``run_qa_*.sh`` merges and ``eval_video_qa.py`` reads; a
   question whose video is missing is left out, as the script skips it.  Beside it ``judge_requests.jsonl``: the
   GPT-3.5 judge requests of :mod:`jaxprune.eval.benchmarks.video_qa_judge` (OpenAI Batch API format).
@@ -54,6 +54,7 @@ VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv")
 QUESTION_FILE = "test_q.json"
 ANSWER_FILE = "test_a.json"
 JUDGE_REQUESTS = "judge_requests.jsonl"
+PREDICTIONS = "merge.jsonl"
 OFFICIAL_METRIC = ("GPT-3.5-judged accuracy and average score (Video-LLaVA eval_video_qa.py): submit "
                    f"{JUDGE_REQUESTS} (OpenAI Batch API), then python -m jaxprune.eval.benchmarks.video_qa_judge "
                    "<batch output>")
@@ -123,7 +124,6 @@ class VideoQA(BenchmarkBase):
     folder = ""        # the set's folder under GPT_Zero_Shot_QA
     video_dir = ""     # its videos, relative to the set folder
     prefix = ""        # file-name prefix of a video_name (ActivityNet: "v_")
-    has_submission = True
     modality = "video"
 
     @property
@@ -169,15 +169,17 @@ class VideoQA(BenchmarkBase):
                 rows.append({"id": q.question_id, "question": q.text, "answer": q.answer, "pred": a})
         return rows
 
-    def write_submission(self, questions: Sequence[Question], answers: Mapping[Any, str], path: str | Path,
-                         **_: Any) -> Path:
-        """``merge.jsonl`` at ``path`` and the judge requests ``judge_requests.jsonl`` beside it."""
+    def write_predictions(self, questions: Sequence[Question], answers: Mapping[Any, str], folder: str | Path
+                          ) -> dict[str, str]:
+        """``merge.jsonl`` (Video-LLaVA's predictions) and ``judge_requests.jsonl`` (the GPT-3.5 judge's requests,
+        OpenAI Batch API) in ``folder``; returns ``{"predictions": path, "judge_requests": path}``."""
         rows = self.predictions(questions, answers)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        write_judge_requests(path.parent / JUDGE_REQUESTS, rows)
-        return path
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        merge = folder / PREDICTIONS
+        merge.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        req = write_judge_requests(folder / JUDGE_REQUESTS, rows)
+        return {"predictions": str(merge), "judge_requests": str(req)}
 
 
 class MSVDQA(VideoQA):
