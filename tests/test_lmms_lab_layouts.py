@@ -387,3 +387,36 @@ def test_neither_layout_names_both(tmp_path):
 def test_unknown_protocol_is_refused():
     with pytest.raises(ValueError, match="unknown protocol 'vqaeval'"):
         get_benchmark("pope").load(FIX / "pope", protocol="vqaeval")
+
+
+# ---------------------------------------------------------------- through jaxprune-eval
+
+
+@pytest.mark.slow
+def test_jaxprune_eval_runs_lmms_lab_shards_with_either_protocol(tmp_path, monkeypatch, capsys):
+    """The demo model answers POPE from lmms-lab shards, once per protocol; run.json and the report name the scorer,
+    and the numbers equal the benchmark's scorer on the recorded answers (the same items in LLaVA's layout)."""
+    from jaxprune.eval.cli import main
+
+    monkeypatch.setenv("JAXPRUNE_CACHE", str(tmp_path / "cache"))
+    b = get_benchmark("pope")
+    official = b.load(FIX / "pope")
+    write_shards(tmp_path / "POPE" / "data", "test", pope_rows(official), POPE_SCHEMA)
+    for protocol in ("llava", "lmms_eval"):
+        out = tmp_path / f"out_{protocol}"
+        rc = main(["--model", "demo", "--benchmark", "pope", "--data", str(tmp_path / "POPE"), "--reducer",
+                   "fastervlm:16", "--max-new-tokens", "4", "--batch-size", "4", "--out", str(out),
+                   "--protocol", protocol, "--no-overlay", "--no-progress"])
+        assert rc == 0
+        for run in ("full", "fastervlm_16"):
+            rec = json.loads((out / "pope" / run / "run.json").read_text())
+            assert rec["n_answered"] == len(official) and rec["score"]["protocol"] == protocol
+            assert rec["score"]["scorer"] == b.scorers[protocol]
+            texts = {json.loads(line)["key"]: json.loads(line)["text"]
+                     for line in (out / "pope" / run / "answers.jsonl").read_text().splitlines()}
+            assert rec["headline"] == b.score(official, texts, protocol=protocol)["f1"]
+        report = (out / "report.md").read_text()
+        assert "## Scorers" in report and b.scorers[protocol] in report
+    assert main(["--model", "demo", "--benchmark", "pope", "--data", str(tmp_path / "POPE"), "--protocol",
+                 "vqaeval", "--out", str(tmp_path / "x")]) == 2
+    assert "not a protocol of benchmark pope" in capsys.readouterr().err

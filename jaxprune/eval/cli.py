@@ -57,8 +57,13 @@ def _epilog() -> str:
 
     lines = ["built-in benchmarks (--benchmark NAME --data ROOT), and what ROOT holds:"]
     for name in list_benchmarks():
-        layout = getattr(get_benchmark(name), "layout", "") or "(see its module docstring)"
+        bench = get_benchmark(name)
+        layout = getattr(bench, "layout", "") or "(see its module docstring)"
+        if getattr(bench, "layout_lmms", ""):
+            layout += f"; or {bench.layout_lmms}"
         lines += textwrap.wrap(layout, 116, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
+    lines += ["", "--protocol: 'llava' (default) = LLaVA's prompts and official scorers; 'lmms_eval' = lmms-eval's "
+              "task prompts", "and scorers (VQAv2 also: vqaeval, vqaeval_2015); every score names its scorer."]
     lines += ["", "registered reducers (--reducer NAME:BUDGET, BUDGET = visual tokens per image in the papers' "
               "convention;", "'full' = the unreduced model):"]
     lines += textwrap.wrap(", ".join(registry.names()), 116, initial_indent="  ", subsequent_indent="  ")
@@ -96,6 +101,8 @@ def build_parser(epilog: bool = True) -> argparse.ArgumentParser:
     how.add_argument("--on-error", choices=("skip", "stop"), help="on a bad data item: skip it and report, or stop "
                      "(default)")
     how.add_argument("--limit", type=_positive_int, metavar="N", help="first N questions of each benchmark")
+    how.add_argument("--protocol", metavar="NAME", help="prompts + scorer of every benchmark: 'llava' (default, the "
+                     "official scripts) or 'lmms_eval' (lmms-eval's tasks); VQAv2 also 'vqaeval', 'vqaeval_2015'")
     how.add_argument("--dtype", choices=DTYPES, help="float32 (default), bfloat16 or float16")
     how.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
     how.add_argument("--image-mode", choices=("pad", "crop"), help="'pad' = original LLaVA (default), 'crop' = "
@@ -166,6 +173,9 @@ def _config(args: argparse.Namespace):
             raise ConfigError(f"argument --model: {e}" if args.model else str(e)) from None
         if reducers:
             cfg.reducers = reducers
+    if args.protocol:
+        cfg.benchmarks = [BenchmarkSpec(b.name, b.data, tuple(sorted({**b.kwargs, "protocol": args.protocol}.items())))
+                          for b in cfg.benchmarks]
     if args.no_full:
         cfg.full = False
     if args.no_overlay:
@@ -224,6 +234,15 @@ def validate(cfg, sweep_file: str | None = None) -> Any:
         if not Path(b.data).expanduser().exists():
             raise ConfigError(f"argument {flag('--data')}: {b.data}: no such directory (data root of benchmark "
                               f"{b.name}; --help lists the files each benchmark expects)")
+    for b in cfg.benchmarks:
+        protocol = b.kwargs.get("protocol")
+        if protocol is not None:
+            from jaxprune.eval.benchmarks import get_benchmark
+
+            allowed = getattr(get_benchmark(b.name), "protocols", ("llava",))
+            if protocol not in allowed:
+                raise ConfigError(f"argument --protocol: {protocol!r} is not a protocol of benchmark {b.name} "
+                                  f"(it has: {', '.join(allowed)})")
     if cfg.tokenizer and not Path(cfg.tokenizer).expanduser().is_dir():
         raise ConfigError(f"argument --tokenizer: {cfg.tokenizer}: not a directory")
     mcfg = _model_config(cfg, flag("--model"))

@@ -88,7 +88,9 @@ def summarise(runs: Sequence[dict]) -> list[dict[str, Any]]:
             h = r.get("headline")
             ref = full.get(b)
             pct = 100.0 * h / ref if h is not None and ref else None
-            cells[b] = {"score": h, "pct_of_full": pct, "metric": r.get("headline_metric")}
+            sc = r.get("score") or {}
+            cells[b] = {"score": h, "pct_of_full": pct, "metric": r.get("headline_metric"),
+                        "protocol": sc.get("protocol"), "scorer": sc.get("scorer")}
             if pct is not None:
                 pcts.append(pct)
             t = (r.get("efficiency") or {}).get("ttft_ms")
@@ -175,6 +177,15 @@ static cache bytes of one question (prompt + max_new_tokens). Peak memory: devic
 backend reports it (cumulative over the process), else host peak RSS."""
 
 
+def scorers_table(runs: Sequence[dict]) -> str:
+    """Which scorer (protocol) produced each benchmark's numbers: LLaVA's official one or lmms-eval's task."""
+    rows = []
+    for b in dict.fromkeys(r["benchmark"] for r in runs):
+        sc = next(((r.get("score") or {}) for r in runs if r["benchmark"] == b and r.get("score")), {})
+        rows.append([_NAMES.get(b, b), sc.get("protocol") or "llava", sc.get("scorer") or "(see the module docstring)"])
+    return md_table(["Benchmark", "Protocol", "Scorer"], rows)
+
+
 def markdown(runs: Sequence[dict], skipped: Sequence[dict], meta: dict[str, Any]) -> str:
     parts = ["# jaxprune evaluation", ""]
     parts.append(f"Model `{meta.get('model_id')}` ({meta.get('dtype')}), devices: {meta.get('devices')}, "
@@ -184,7 +195,8 @@ def markdown(runs: Sequence[dict], skipped: Sequence[dict], meta: dict[str, Any]
         benches = list(dict.fromkeys(r["benchmark"] for r in runs))
         if len(benches) == 1:
             parts += ["## Summary", "", summary_table(runs), ""]
-        parts += ["## Accuracy", "", accuracy_table(runs), "", "## Efficiency", "", efficiency_table(runs), ""]
+        parts += ["## Accuracy", "", accuracy_table(runs), "", "## Scorers", "", scorers_table(runs), "",
+                  "## Efficiency", "", efficiency_table(runs), ""]
     else:
         parts += ["No run completed.", ""]
     items = [s for s in skipped] + [{"item": f"{r['benchmark']}/{r['run']} question {x['key']}",
