@@ -197,3 +197,154 @@ def test_gqa_lmms_eval_strips_before_the_metric():
     r = b.score(qs, {"1": "\nYes\n", "2": "  woman."}, protocol="lmms_eval")
     assert r["accuracy"] == 100.0
     assert b.score(qs, {"1": "\nYes\n", "2": "  woman."})["accuracy"] == 0.0   # LLaVA: rstrip('.') only
+
+
+# ---------------------------------------------------------------- lmms-eval task scorers vs LLaVA's, tricky strings
+
+
+def lmms_pope(results, gts):
+    """task.py strip + ``pope_process_results`` + the four aggregations (fractions)."""
+    rs = [{"prediction": r.strip().lower().strip(), "ground_truth": g.lower().strip()} for r, g in zip(results, gts)]
+    acc = sum(1.0 if r["prediction"] == r["ground_truth"] else 0.0 for r in rs) / len(rs)
+    tp = sum(1 for r in rs if r["ground_truth"] == "yes" and r["prediction"] == "yes")
+    fp = sum(1 for r in rs if r["ground_truth"] == "no" and r["prediction"] == "yes")
+    fn = sum(1 for r in rs if r["ground_truth"] == "yes" and r["prediction"] == "no")
+    precision = tp / (tp + fp) if (tp + fp) > 0 else 0
+    recall = tp / (tp + fn) if (tp + fn) > 0 else 0
+    f1 = 2 * (precision * recall) / (precision + recall) if (precision + recall) > 0 else 0
+    yes = sum(1 for r in rs if r["ground_truth"] == "yes")
+    return {"accuracy": acc, "precision": precision, "recall": recall, "f1": f1, "yes_ratio": yes / len(rs)}
+
+
+POPE_ANSWERS = ["Yes", "yes.", " no", "No, there is not.", "NO", "yes\n", "There is a dog.", "not", "", "n"]
+
+
+def test_pope_lmms_eval_equals_transcription_and_differs_from_llava():
+    b = get_benchmark("pope")
+    gts = ["yes", "no", "no", "no", "no", "yes", "yes", "no", "yes", "no"]
+    qs = [Question(i, "q", answers=[g], category=("adversarial", "random")[i % 2]) for i, g in enumerate(gts)]
+    ans = {str(i): a for i, a in enumerate(POPE_ANSWERS)}
+    got = b.score(qs, ans, protocol="lmms_eval")
+    want = lmms_pope(POPE_ANSWERS, gts)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(100 * v), k
+    llava = b.score(qs, ans)
+    assert llava["f1"] != pytest.approx(got["f1"])       # "yes." / "No, there is not." parse under LLaVA only
+
+
+def lmms_mme_parse(pred_ans):
+    """``mme/utils.py`` ``parse_pred_ans``."""
+    pred_ans = pred_ans.lower().strip().replace(".", "")
+    if pred_ans in ["yes", "no"]:
+        return pred_ans
+    if len(pred_ans) == 1:
+        return "yes" if pred_ans == "y" else "no" if pred_ans == "n" else "other"
+    prefix = pred_ans[:4]
+    return "yes" if "yes" in prefix else "no" if "no" in prefix else "other"
+
+
+@pytest.mark.parametrize("pred", ["Yes", "yes.", " No", "Y", "n", "y.", "No.", "not sure", "I think yes", "nope",
+                                  "Yes\n", "\nno", "..yes", "", "N.", "a", "know", "Noo"])
+def test_mme_lmms_parser_equals_transcription(pred):
+    from jaxprune.eval.benchmarks.mme import mme_parse, mme_parse_lmms
+
+    assert mme_parse_lmms(pred) == lmms_mme_parse(pred.strip())
+    assert mme_parse(pred) in ("yes", "no", "other")
+
+
+def test_mme_protocols_differ_on_single_letters_and_periods():
+    from jaxprune.eval.benchmarks.mme import mme_parse, mme_parse_lmms
+
+    assert (mme_parse("Y"), mme_parse_lmms("Y")) == ("other", "yes")
+    assert (mme_parse(" yes"), mme_parse_lmms(" yes")) == ("yes", "yes")      # the 4-char prefix still holds "yes"
+    assert (mme_parse("...no"), mme_parse_lmms("...no")) == ("other", "no")
+
+
+def lmms_sqa(result, letter):
+    """task.py strip + ``sqa_process_results`` (target = the answer's letter)."""
+    target = letter.strip().lower()
+    pred = result.strip().strip()
+    if pred.lower() == target:
+        return 1.0
+    if len(pred) >= 2 and pred[0].isupper() and pred[1] == ".":
+        return 1.0 if pred[0].lower() == target else 0.0
+    return 0.0
+
+
+SQA_ANSWERS = ["B", "b", " B", "B.", "B. cat", "B.cat", "(B)", "The answer is B.", "B is right", "b.", "C", "BB", ""]
+
+
+@pytest.mark.parametrize("pred", SQA_ANSWERS)
+def test_scienceqa_lmms_eval_equals_transcription(pred):
+    b = get_benchmark("scienceqa")
+    q = Question("1", "q", answers=["B"], options={"A": "x", "B": "y", "C": "z"},
+                 metadata={"n_choices": 3, "answer_index": 1}, image="i.png", answer_file_prompt="<image>\nq")
+    assert b.score([q], {"1": pred}, protocol="lmms_eval")["accuracy"] == 100.0 * lmms_sqa(pred, "B")
+
+
+def test_scienceqa_protocols_differ_where_documented():
+    b = get_benchmark("scienceqa")
+    q = Question("1", "q", answers=["B"], metadata={"n_choices": 3, "answer_index": 1}, image="i.png",
+                 answer_file_prompt="<image>\nq")
+    both = lambda p: (b.score([q], {"1": p})["accuracy"], b.score([q], {"1": p}, protocol="lmms_eval")["accuracy"])
+    assert both("b") == (0.0, 100.0) and both("B.") == (0.0, 100.0) and both(" B") == (0.0, 100.0)
+    assert both("The answer is B.") == (100.0, 0.0) and both("B. y") == (100.0, 100.0)
+
+
+def lmms_seed(result, answer):
+    """task.py strip + ``seed_process_result`` + ``seed_aggregation_result`` for one row."""
+    pred = result.strip().strip()
+    if len(pred) > 1:
+        pred = pred[0]
+    return 1.0 if pred.lower().strip() == answer.lower().strip() else 0.0
+
+
+@pytest.mark.parametrize("pred", ["A", "a", " A", "A.", "A. One", "(A)", "B", "", "Answer: A", "\nA\n"])
+def test_seed_lmms_eval_equals_transcription(pred):
+    b = get_benchmark("seed")
+    q = Question("1", "q", answers=["A"], split="image", metadata={"question_type_id": 5})
+    assert b.score([q], {"1": pred}, protocol="lmms_eval")["accuracy"] == 100.0 * lmms_seed(pred, "A")
+    assert b.score([q], {"1": pred})["accuracy"] == (100.0 if pred == "A" else 0.0)   # LLaVA: exact string
+
+
+def test_textvqa_lmms_eval_equals_m4c_but_takes_any_answer_count():
+    from jaxprune.eval.benchmarks.evalai import evalai_normalize, textvqa_accuracy
+    from jaxprune.eval.benchmarks.textvqa import lmms_textvqa_accuracy
+
+    def lmms(result, answers):     # textvqa_process_results after the pipeline's strip
+        res = evalai_normalize(result.strip())
+        gts = [evalai_normalize(a) for a in answers]
+        accs = [min(1, float(len([g for j, g in enumerate(gts) if j != i and g == res])) / 3)
+                for i in range(len(gts))]
+        return statistics.mean(accs)
+
+    gts = ["Dakota"] * 6 + ["dakota digital"] * 3 + ["DAKOTA."]
+    for pred in ("Dakota", " dakota.", "Dakota Digital", "kodak", "", "the dakota"):
+        assert lmms_textvqa_accuracy(pred, gts) == pytest.approx(lmms(pred, gts))
+        assert lmms_textvqa_accuracy(pred, gts) == pytest.approx(textvqa_accuracy(pred, gts))
+    assert lmms_textvqa_accuracy("yes", ["yes"] * 4) == pytest.approx(lmms("yes", ["yes"] * 4))
+    with pytest.raises(ValueError):
+        textvqa_accuracy("yes", ["yes"] * 4)
+
+
+def test_mmbench_lmms_prompt_equals_transcription():
+    from jaxprune.eval.benchmarks.mmbench import lmms_mmbench_prompt
+
+    def lmms(doc, post="\nAnswer with the option's letter from the given choices directly."):
+        options = {c: doc[c] for c in sorted(set(doc) & set("ABCDE")) if doc[c]}
+        opts = "There are several options:\n"
+        for k, v in sorted(options.items()):
+            if v is not None and v == v and v != "nan":
+                opts += f"{k}. {v}\n"
+        opts = opts.rstrip("\n")
+        hint = doc["hint"]
+        q = f"{hint} {doc['question']} {opts}" if hint is not None and hint == hint and hint != "nan" \
+            else f"{doc['question']} {opts}"
+        return f"{q}\n{post}"
+
+    for doc in ({"question": "Q?", "hint": None, "A": "a", "B": "b", "C": None, "D": None},
+                {"question": "Q?", "hint": "H.", "A": "a", "B": "b", "C": "nan", "D": "d"},
+                {"question": "Q?", "hint": "nan", "A": "a", "B": "", "C": "c", "D": float("nan")},
+                {"question": "Q?", "hint": "", "A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}):
+        cells = {c: doc.get(c) for c in "ABCDE" if c in doc}
+        assert lmms_mmbench_prompt(doc["question"], doc["hint"], cells) == lmms(doc)
