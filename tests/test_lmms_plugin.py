@@ -103,9 +103,11 @@ def test_pyproject_registers_the_lmms_eval_entry_point():
 torch = pytest.importorskip("torch")
 
 
-def build_yes_no_llava(dst: Path, seed: int = 0) -> Path:
-    """A tiny random HF LLaVA-1.5 (+ the demo word tokenizer) whose head answers ``yes`` or ``no`` depending on the
-    input (every other vocabulary row is scaled down), so a POPE-like score is not trivial."""
+def build_yes_no_llava(dst: Path, seed: int = 0, calibration=None) -> Path:
+    """A tiny random HF LLaVA-1.5 (+ the demo word tokenizer) whose head answers ``yes`` or ``no`` (every other
+    vocabulary row is scaled down). ``calibration``: ``[(input_ids, pixel_values [3, S, S])]`` rows; the yes / no
+    direction is then their centred final hidden states' leading direction, so those rows get both answers (a
+    POPE-like score that is not trivial)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from jaxprune.eval.demo_model import DEMO_CFG, demo_tokenizer, save_demo_tokenizer
@@ -124,8 +126,20 @@ def build_yes_no_llava(dst: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         w = hf.lm_head.weight
         d = torch.randn(w.shape[1])
+        m = torch.zeros(w.shape[1])
+        if calibration:
+            seen = []
+            hook = hf.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0][0, -1].clone()))
+            for ids, px in calibration:
+                hf(input_ids=torch.tensor([list(ids)]), pixel_values=torch.tensor(np.asarray(px)[None]))
+            hook.remove()
+            h = torch.stack(seen)                                  # [N, hidden]
+            m = h.mean(0)
+            d = torch.linalg.svd(h - m, full_matrices=False)[2][0]  # leading direction of the centred states
+            d = d - (d @ m) / (m @ m) * m
+            d, m = d / d.norm() * 8.0 / (h - m).norm(dim=1).mean(), m / m.norm() * 2.0 / m.norm()
         w.mul_(0.05)
-        w[yes], w[no] = 2.0 * d, -2.0 * d + 0.3 * torch.randn(w.shape[1])
+        w[yes], w[no] = m + d, m - d
     hf.save_pretrained(dst)
     save_demo_tokenizer(dst)
     return dst
