@@ -30,7 +30,8 @@ def plotting_available() -> bool:
 
 _NAMES = {"pope": "POPE", "gqa": "GQA", "textvqa": "TextVQA", "mme": "MME", "scienceqa": "SQA-IMG",
           "mmbench": "MMB", "seed": "SEED", "vqav2": "VQAv2", "mmvet": "MM-Vet",
-          "synthvqa": "SynthVQA"}
+          "synthvqa": "SynthVQA", "msvd_qa": "MSVD-QA", "msrvtt_qa": "MSRVTT-QA", "tgif_qa": "TGIF-QA",
+          "activitynet_qa": "ActivityNet-QA", "videomme": "Video-MME"}
 
 
 def fmt_flops(x: float | None) -> str:
@@ -174,7 +175,10 @@ question: "FastV formula" = L(4nd^2 + 2n^2d + 2ndm) over the LLM (the papers' co
 model computes (GQA, 3-matrix MLP, 2 FLOPs/MAC; total adds the vision tower and projector), "XLA" =
 compiled.cost_analysis() of the jitted prefill at the padded length bucket (n/a where unavailable). KV cache =
 static cache bytes of one question (prompt + max_new_tokens). Peak memory: device peak_bytes_in_use where the
-backend reports it (cumulative over the process), else host peak RSS."""
+backend reports it (cumulative over the process), else host peak RSS. Video QA (MSVD / MSRVTT / TGIF /
+ActivityNet-QA): "proxy_accuracy_not_official" is NOT the official metric (GPT-3.5-judged accuracy and score): it
+is the share of predictions containing the normalised answer; each run folder holds merge.jsonl and
+judge_requests.jsonl for the official judge."""
 
 
 def scorers_table(runs: Sequence[dict]) -> str:
