@@ -406,7 +406,7 @@ def test_jaxprune_eval_runs_lmms_lab_shards_with_either_protocol(tmp_path, monke
         out = tmp_path / f"out_{protocol}"
         rc = main(["--model", "demo", "--benchmark", "pope", "--data", str(tmp_path / "POPE"), "--reducer",
                    "fastervlm:16", "--max-new-tokens", "4", "--batch-size", "4", "--out", str(out),
-                   "--protocol", protocol, "--no-overlay", "--no-progress"])
+                   "--protocol", protocol, "--no-progress"] + (["--no-overlay"] if protocol == "lmms_eval" else []))
         assert rc == 0
         for run in ("full", "fastervlm_16"):
             rec = json.loads((out / "pope" / run / "run.json").read_text())
@@ -415,6 +415,10 @@ def test_jaxprune_eval_runs_lmms_lab_shards_with_either_protocol(tmp_path, monke
             texts = {json.loads(line)["key"]: json.loads(line)["text"]
                      for line in (out / "pope" / run / "answers.jsonl").read_text().splitlines()}
             assert rec["headline"] == b.score(official, texts, protocol=protocol)["f1"]
+        from jaxprune.eval.report import plotting_available
+
+        if protocol == "llava" and plotting_available():     # overlays drawn from the embedded images
+            assert list((out / "overlays").glob("*.png"))
         report = (out / "report.md").read_text()
         assert "## Scorers" in report and b.scorers[protocol] in report
     assert main(["--model", "demo", "--benchmark", "pope", "--data", str(tmp_path / "POPE"), "--protocol",

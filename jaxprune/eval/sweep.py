@@ -188,4 +188,4 @@ def run_sweep(cfg: SweepConfig, *, context: Context | None = None, after_batch: 
 
 
 def _overlay_samples(questions, n: int = 2):
-    return [q for q in questions if q.image is not None or q.image_b64 is not None][:n]
+    return [q for q in questions if q.has_image][:n]

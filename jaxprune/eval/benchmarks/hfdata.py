@@ -97,9 +97,9 @@ def _arrow_tables(root: Path) -> list[tuple[str | None, str, Path]]:
         if info.is_file():
             data = _json(info)
             config = data.get("config_name")
-            builder = data.get("builder_name") or data.get("dataset_name")
+            prefixes = [str(x) for x in (data.get("dataset_name"), data.get("builder_name")) if x]
             for s in sorted(data.get("splits") or {}, key=len, reverse=True):
-                if builder and re.match(rf"^{re.escape(str(builder))}-{re.escape(s)}(-\d{{5}}-of-\d{{5}})?$", p.stem):
+                if any(re.match(rf"^{re.escape(b)}-{re.escape(s)}(-\d{{5}}-of-\d{{5}})?$", p.stem) for b in prefixes):
                     split = s
                     break
         if split is None:
