@@ -142,6 +142,13 @@ def test_missing_and_corrupt_video_named(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "question '2'" in err and "clip1.mp4" in err and "not found" in err
     assert "also tried clip1.avi, clip1.mov, clip1.mkv" in err
+    # --on-error skip: the others are answered; the prediction file leaves it out, as Video-LLaVA's script does
+    code = main(["--model", str(model_dir), "--benchmark", "msvd_qa", "--data", str(d), "--out",
+                 str(tmp_path / "o0"), "--on-error", "skip"] + FLAGS[:-3] + ["--no-overlay"])
+    capsys.readouterr()
+    rec = _runs(tmp_path / "o0", "msvd_qa")["full"]
+    assert code == 0 and rec["n_answered"] == 2 and rec["skipped"][0]["key"] == "2"
+    assert [json.loads(x)["id"] for x in Path(rec["outputs"]["predictions"]).read_text().splitlines()] == [0, 1]
     (d / "videos" / "clip1.avi").write_bytes(b"not a video at all")
     code = main(["--model", str(model_dir), "--benchmark", "msvd_qa", "--data", str(d), "--out",
                  str(tmp_path / "o2")] + FLAGS)
@@ -162,6 +169,16 @@ def test_video_benchmark_on_llava15_refused_before_loading(msvd, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and "msvd_qa is a video benchmark" in err and "'llava'" in err
     assert not (tmp_path / "msvd_qa").exists()
+
+
+def test_runner_refuses_mismatched_questions_by_name():
+    """Library use (no CLI pre-flight): the runner names the benchmark, the model type and the question."""
+    from jaxprune.eval.benchmarks import Question
+    from jaxprune.eval.config import ConfigError
+    from jaxprune.eval.video import check_questions
+
+    with pytest.raises(ConfigError, match="msvd_qa: question '7' is a video question but the model .*'llava'"):
+        check_questions([Question(7, "what?", video="v.mp4")], object(), "llava", "msvd_qa")
 
 
 def test_help_lists_video_layouts(capsys):
