@@ -25,7 +25,7 @@ video pooling are fixed linear maps per image size), in a tap table padded to th
 mixing aspect ratios, single / multi-image rows and videos share a program whenever their crop and token counts
 fall in the same buckets.
 
-Reducers are refused on this family for now (by name, in :meth:`LlavaOnevisionFamily.static`).
+**Reducers**: see :mod:`jaxprune.families.onevision_spans` (one span per image / video, the CLS-free saliency).
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.families.base import TextToImage, VisualInputs, register
+from jaxprune.families.onevision_spans import (
+    OnevisionStatic,
+    bucket,
+    encode_crops,
+    encode_spans,
+    gather_taps,
+    reduced_static,
+    span_tables,
+)
 from jaxprune.inputs import InputError, TextInputs, as_numpy, check_pixels
 from jaxprune.models.onevision_pack import (
     NEWLINE,
@@ -47,18 +56,7 @@ from jaxprune.models.onevision_pack import (
     pooled_side,
     video_taps,
 )
-from jaxprune.models.tower import clip_segment
 from jaxprune.processing_anyres import anyres_grid, check_pinpoints, max_crops
-
-
-def bucket(n: int) -> int:
-    """The static size ``n`` is padded to: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (at most 1.5x ``n``)."""
-    b = 1
-    while True:
-        for c in (b, 3 * b // 2) if b >= 2 else (b,):
-            if c >= n:
-                return c
-        b *= 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,27 +68,13 @@ class OnevisionLayout:
     frames: int
     multi: np.ndarray          # [n_images] bool: image of a multi-image row (base crop only)
     crops: np.ndarray          # [n_images] int: crops each image runs through the tower
-    tap_index: np.ndarray      # [K] int: row of the feature table ([Tc * P ; newline]) per tap, reading order
+    tap_index: np.ndarray      # [K, 4] int: rows of the feature table ([Tc * P ; newline]) per placeholder, reading order
     tap_weight: np.ndarray     # [K, 4] float32
     n_crops: int               # real crops + frames (before the bucket)
+    spans: tuple = ()          # per image / video (images first, input order): (index [n, 4], weight [n, 4]) with
+                               # index into [Tc * P] and NEWLINE for the newline
 
 
-@dataclasses.dataclass(frozen=True)
-class OnevisionStatic:
-    """Static (hashable) layout of one OneVision run (unreduced: HF's layout)."""
-
-    Tc: int        # crops through the tower (bucketed)
-    K: int         # placeholder taps (bucketed)
-    P: int         # patches per crop
-    ipr: int = 0
-    S: int = 0
-    S_h: int = 0
-    V: int = 0
-    S_full: int = 0
-
-    @property
-    def dense(self) -> bool:  # the first entries of the tap table are the placeholders, in order
-        return True
 
 
 def geometry(cfg) -> tuple[tuple[tuple[int, int], ...], int, int, int]:
@@ -250,7 +234,7 @@ def check_inputs(cfg, text: TextInputs, pixel_values, pixel_values_videos, image
     idx[kinds], wt[kinds], idx[~kinds], wt[~kinds] = ii, iw, vi, vw
     idx = np.where(idx == NEWLINE, Tc * P, idx)
     lay = OnevisionLayout(n_images=Ni, n_videos=Nv, frames=F, multi=multi, crops=n_crops, tap_index=idx,
-                          tap_weight=wt, n_crops=flat.shape[0])
+                          tap_weight=wt, n_crops=flat.shape[0], spans=tuple(taps_img) + tuple(taps_vid))
     spans = np.asarray([len(t[0]) for t in taps_img] + [len(t[0]) for t in taps_vid], np.int64)
     new_ids = np.where(is_vid, it, ids)
     text = dataclasses.replace(text, input_ids=new_ids, image_tokens=n_img + n_vid)
@@ -274,18 +258,18 @@ class LlavaOnevisionFamily:
         return check_inputs(cfg, text, pixel_values, None, image_sizes)[1]
 
     def static(self, cfg, reducers: tuple, options, ipr: int, visual: VisualInputs | None) -> OnevisionStatic:
-        if reducers or options is not None:
-            names = ", ".join(type(r).__name__ for r in reducers) or type(options).__name__
-            raise NotImplementedError(f"reducers ({names}) on llava_onevision are not implemented yet: run the "
-                                      "unreduced model (reducer=None)")
         P = cfg.vision.num_patches
-        if visual is None:
-            return OnevisionStatic(Tc=1, K=1, P=P)
-        lay: OnevisionLayout = visual.layout
-        return OnevisionStatic(Tc=int(visual.pixel_values.shape[0]), K=bucket(len(lay.tap_index)), P=P)
+        if not reducers and options is None:
+            if visual is None:
+                return OnevisionStatic(Tc=1, K=1, P=P)
+            lay: OnevisionLayout = visual.layout
+            return OnevisionStatic(Tc=int(visual.pixel_values.shape[0]), K=bucket(len(lay.tap_index)), P=P)
+        return reduced_static(cfg, reducers, options, ipr, visual)
 
     def tables(self, cfg, visual: VisualInputs, st: OnevisionStatic) -> dict[str, np.ndarray]:
         lay: OnevisionLayout = visual.layout
+        if st.ipr:
+            return span_tables(lay, st)
         n = len(lay.tap_index)
         idx = np.zeros((st.K, 4), np.int32)
         wt = np.zeros((st.K, 4), np.float32)
@@ -295,27 +279,14 @@ class LlavaOnevisionFamily:
     def encode(self, m, st: OnevisionStatic, reducers: tuple, px: jax.Array, tables: dict, te, tv,
                t2i: TextToImage | None):
         """Unreduced: ``px [Tc, 3, S, S]`` -> one span ``(tokens [1, K, H], valid, pool, kept)`` holding every
-        placeholder's token in reading order (HF's two ``masked_scatter`` as one gather)."""
+        placeholder's token in reading order (HF's two ``masked_scatter`` as one gather). With reducers: one span
+        per image / video (:func:`jaxprune.families.onevision_spans.encode_spans`)."""
+        if st.ipr:
+            return encode_spans(m, st, reducers, px, tables, te, tv, t2i)
         feats = encode_crops(m, px)  # [Tc, P, H]
         tok = gather_taps(feats, m.image_newline[...], tables["tap_index"], tables["tap_weight"])  # [K, H]
         ok = jnp.ones((1, st.K), bool)
         return tok[None], ok, ok, jnp.arange(st.K, dtype=jnp.int32)[None]
-
-
-def encode_crops(m, px: jax.Array) -> jax.Array:
-    """SigLIP at ``vision_feature_layer`` ("full": every patch) + projector: ``[Tc, 3, S, S]`` -> ``[Tc, P, H]``."""
-    h = m.vision.embed(px)
-    h, _, _ = clip_segment(m, h, None, 0, m.cfg.feature_layer_index)
-    return m.projector(h)
-
-
-def gather_taps(feats: jax.Array, newline: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
-    """``feats [Tc, P, H]`` + ``newline [H]`` -> ``[K, H]``: each row the ``weight [K, 4]``-weighted sum of the
-    feature-table rows ``index [K, 4]`` (table = ``[Tc * P ; newline]``)."""
-    H = feats.shape[-1]
-    table = jnp.concatenate([feats.reshape(-1, H), newline.astype(feats.dtype)[None]], axis=0)
-    g = jnp.take(table, index, axis=0)  # [K, 4, H]
-    return jnp.einsum("kj,kjh->kh", weight.astype(feats.dtype), g, precision=jax.lax.Precision.HIGHEST)
 
 
 FAMILY = register("llava_onevision", LlavaOnevisionFamily())
