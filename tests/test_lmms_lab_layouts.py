@@ -384,6 +384,15 @@ def test_neither_layout_names_both(tmp_path):
         get_benchmark("pope").load(tmp_path)
 
 
+def test_generation_length_follows_the_protocol():
+    from jaxprune.eval.config import default_max_new_tokens
+
+    assert [default_max_new_tokens(b) for b in ("gqa", "mmbench", "pope")] == [128, 1024, 128]
+    assert [default_max_new_tokens(b, "lmms_eval") for b in ("gqa", "mmbench", "pope", "scienceqa")] == [16, 1024,
+                                                                                                       128, 16]
+    assert default_max_new_tokens("mmvet", "lmms_eval") == 1024
+
+
 def test_unknown_protocol_is_refused():
     with pytest.raises(ValueError, match="unknown protocol 'vqaeval'"):
         get_benchmark("pope").load(FIX / "pope", protocol="vqaeval")

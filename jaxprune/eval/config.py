@@ -63,7 +63,16 @@ class ItemError(EvalError):
     exit_code = 1
 
 
-def default_max_new_tokens(benchmark: str) -> int:
+#: lmms-eval's ``max_new_tokens`` per task (EvolvingLMMs-Lab/lmms-eval @ 75571cfe task YAMLs; SEED-Bench and TextVQA
+#: set none, so its llava model's default 1024 applies), used with ``protocol="lmms_eval"``.
+LMMS_EVAL_MAX_NEW_TOKENS = {"pope": 128, "mme": 16, "scienceqa": 16, "gqa": 16, "vqav2": 16, "mmbench": 1024,
+                            "seed": 1024, "textvqa": 1024}
+
+
+def default_max_new_tokens(benchmark: str, protocol: str = "llava") -> int:
+    """LLaVA's generation length for ``benchmark``, or lmms-eval's task setting under ``protocol="lmms_eval"``."""
+    if protocol == "lmms_eval" and benchmark in LMMS_EVAL_MAX_NEW_TOKENS:
+        return LMMS_EVAL_MAX_NEW_TOKENS[benchmark]
     return LONG_MAX_NEW_TOKENS if benchmark in LONG_ANSWER_BENCHMARKS else SHORT_MAX_NEW_TOKENS
 
 

@@ -192,7 +192,8 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
     video.check_questions(questions, ctx.img_cfg, cfg.model_type, bench.name)
     P = max_image_tokens(ctx)
     reducer = make_reducer(spec, cfg)
-    max_new = opts.max_new_tokens or default_max_new_tokens(bench.name)
+    protocol = next((q.metadata["protocol"] for q in questions if "protocol" in q.metadata), "llava")
+    max_new = opts.max_new_tokens or default_max_new_tokens(bench.name, protocol)
     n_dev = ctx.mesh.size
     B = -(-opts.batch_size // n_dev) * n_dev
     if B != opts.batch_size:
@@ -201,7 +202,8 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
     fingerprint = {"model_id": ctx.model_id, "benchmark": bench.name, "reducer": spec.label,
                    "reducer_spec": repr(reducer), "max_new_tokens": max_new,
                    "prompt": getattr(ctx.img_cfg, "prompt_format", PROMPT_FORMAT),
-                   "dtype": ctx.dtype, "image_mode": ctx.image_mode}
+                   "dtype": ctx.dtype, "image_mode": ctx.image_mode,
+                   **({"protocol": protocol} if protocol != "llava" else {})}   # lmms_eval prompts differ
     items = make_items(questions, ctx.tokenizer, P, ctx.img_cfg)
     answers = AnswerFile(run_dir / "answers.jsonl")
 
