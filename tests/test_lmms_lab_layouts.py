@@ -433,3 +433,27 @@ def test_jaxprune_eval_runs_lmms_lab_shards_with_either_protocol(tmp_path, monke
     assert main(["--model", "demo", "--benchmark", "pope", "--data", str(tmp_path / "POPE"), "--protocol",
                  "vqaeval", "--out", str(tmp_path / "x")]) == 2
     assert "not a protocol of benchmark pope" in capsys.readouterr().err
+
+
+def _write_cache_table(folder: Path, dataset: str, config: str, split: str, rows: list[dict], schema, n: int = 2):
+    """A ``datasets`` cache entry as ``load_dataset("lmms-lab/<Name>", config)`` leaves it (Arrow IPC streams named
+    ``<dataset>-<split>-0000i-of-0000n.arrow`` + ``dataset_info.json``)."""
+    folder.mkdir(parents=True)
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "builder_name": "parquet", "dataset_name": dataset, "config_name": config,
+        "splits": {split: {"name": split, "num_examples": len(rows)}}}))
+    step = -(-len(rows) // n)
+    for i in range(n):
+        with pa.ipc.new_stream(str(folder / f"{dataset}-{split}-{i:05d}-of-{n:05d}.arrow"), schema) as w:
+            w.write_table(pa.Table.from_pylist(rows[i * step:(i + 1) * step], schema=schema))
+
+
+def test_gqa_from_a_datasets_cache_with_both_configs(tmp_path):
+    b = get_benchmark("gqa")
+    official = b.load(FIX / "gqa")
+    write_gqa(tmp_path / "src", official)
+    cache = tmp_path / "hf" / "lmms-lab___gqa"
+    for config, schema in (("testdev_balanced_instructions", GQA_SCHEMA), ("testdev_balanced_images", GQA_IMAGES)):
+        rows = [r for f in sorted((tmp_path / "src" / config).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+        _write_cache_table(cache / config / "0.0.0" / "0123abcd", "gqa", config, "testdev", rows, schema)
+    same_questions(b.load(tmp_path / "hf"), official, meta=("structural", "semantic"))
