@@ -348,3 +348,35 @@ def test_mmbench_lmms_prompt_equals_transcription():
                 {"question": "Q?", "hint": "", "A": "a", "B": "b", "C": "c", "D": "d", "E": "e"}):
         cells = {c: doc.get(c) for c in "ABCDE" if c in doc}
         assert lmms_mmbench_prompt(doc["question"], doc["hint"], cells) == lmms(doc)
+
+
+def test_lmms_prompts_equal_transcriptions():
+    from jaxprune.eval.benchmarks.mme import mme_prompt
+    from jaxprune.eval.benchmarks.scienceqa import build_human_turn, lmms_sqa_text
+
+    post = "\nAnswer with the option's letter from the given choices directly."
+
+    def sqa_doc_to_text(doc):
+        context, question, choices = doc["hint"], doc["question"], doc["choices"]
+        options = [chr(ord("A") + i) for i in range(len(choices))]
+        choices_str = "\n".join(f"{o}. {c}" for o, c in zip(options, choices))
+        if context:
+            context = f"Context: {context}\n"
+        return f"{context}{question}\n{choices_str}{post}"
+
+    for hint in ("", " ", "The map shows X.", "two\nlines"):
+        doc = {"hint": hint, "question": "Which is it? ", "choices": ["cat", "dog", "eel"]}
+        assert lmms_sqa_text(doc) == sqa_doc_to_text(doc)
+        llava = build_human_turn(doc).strip() + post
+        assert (llava == lmms_sqa_text(doc)) == (hint.strip() == hint and hint != " ")   # whitespace differs
+
+    def mme_doc_to_text(question, post_prompt="\nAnswer the question using a single word or phrase."):
+        question = question.strip()
+        question = question.replace(" Please answer yes or no.", "")
+        return f"{question}{post_prompt}"
+
+    for q in ("Is there a cat? Please answer yes or no.", "Is there a cat?  Please answer yes or no.",
+              " Is it red? Please answer yes or no. ", "Is it red?"):
+        assert mme_prompt(q, "lmms_eval") == mme_doc_to_text(q)
+    assert mme_prompt(" Is it red? Please answer yes or no. ") != mme_prompt(" Is it red? Please answer yes or no. ",
+                                                                             "lmms_eval")
