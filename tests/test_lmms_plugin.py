@@ -297,3 +297,42 @@ def test_lmms_eval_resolves_jaxprune_through_its_entry_point():
 
     assert manifest().simple_class_path == "jaxprune.eval.lmms.model.JaxpruneLMM"
     assert get_model("jaxprune") is JaxpruneLMM
+
+
+_DEVICES_SCRIPT = r"""
+import json, sys
+import numpy as np
+from PIL import Image
+from jaxprune.eval.lmms.backend import Backend
+from jaxprune.eval.lmms.options import parse_model_args
+from jaxprune.eval.lmms.requests import GenRequest, GenSettings, LoglikRequest
+rng = np.random.default_rng(5)
+ims = [Image.fromarray(rng.integers(0, 256, (24, 30 + i, 3), dtype=np.uint8)) for i in range(5)]
+gen = [GenRequest(f"what color {'red ' * i}", (im,), GenSettings(4)) for i, im in enumerate(ims)]
+ll = [LoglikRequest("is there a square", c, (im,)) for c, im in zip(["yes", "no", " red", "circle yes"], ims)]
+out = {}
+for n in (1, 4):
+    b = Backend(parse_model_args({"pretrained": sys.argv[1], "batch_size": 3, "num_devices": n,
+                                  "reducer": "visionzip:6"}))
+    out[n] = {"mesh": b.ctx.mesh.size, "batch": b.batch_size, "gen": b.generate(gen), "ll": b.loglikelihood(ll)}
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # a subprocess with 4 host devices compiling both meshes
+def test_data_parallel_over_local_devices_matches_one_device(tiny_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, str(tiny_dir)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-6000:]
+    out = json.loads(r.stdout.split("RESULT", 1)[1])
+    one, four = out["1"], out["4"]
+    assert (one["mesh"], one["batch"], four["mesh"], four["batch"]) == (1, 3, 4, 4)
+    assert four["gen"] == one["gen"]
+    for (a, ga), (b, gb) in zip(four["ll"], one["ll"]):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb

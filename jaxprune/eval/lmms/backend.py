@@ -126,7 +126,6 @@ class Backend:
     def encode(self, index: int, text: str, image: Any, where: str) -> Encoded:
         """Tokenize ``text`` (``<image>`` expanded to the image's placeholder count) and preprocess ``image``."""
         c = self.ctx
-        cfg = c.model.cfg
         px = hw = None
         k = 1
         if image is not None:
@@ -139,11 +138,16 @@ class Backend:
                     k = max_image_tokens(c)
             except Exception as e:  # noqa: BLE001 - PIL raises many types
                 raise ItemError(f"{where}: cannot preprocess the image: {type(e).__name__}: {e}") from None
+        return Encoded(index, self.tokenize(text, k, where), px, hw, where)
+
+    def tokenize(self, text: str, image_tokens: int, where: str) -> tuple[int, ...]:
+        """Token ids of ``text`` with each ``<image>`` expanded to ``image_tokens`` placeholder ids."""
+        c = self.ctx
         try:
-            ids = tokenize_prompts(c.tokenizer, [text], cfg.image_token_index, k)["input_ids"][0]
+            ids = tokenize_prompts(c.tokenizer, [text], c.model.cfg.image_token_index, image_tokens)["input_ids"][0]
         except ValueError as e:
             raise ConfigError(f"{where}: {e}: the tokenizer must treat '<image>' as one special token") from None
-        return Encoded(index, tuple(int(t) for t in ids), px, hw, where)
+        return tuple(int(t) for t in ids)
 
     def rows(self, chunk: Sequence[Encoded]) -> Rows:
         """This process' rows of one batch: ``chunk`` then copies of its first row up to the batch size."""
@@ -223,8 +227,9 @@ class Backend:
         for i, r in enumerate(requests):
             image = r.images[0] if r.images else None
             prompt = chat_prompt(r.context, len(r.images), r.where)
-            ctx_ids = self.encode(i, prompt, image, r.where).ids
             full = self.encode(i, continuation_text(prompt, r.continuation), image, r.where)
+            k = max(1, full.ids.count(self.ctx.model.cfg.image_token_index))  # the image's placeholder count
+            ctx_ids = self.tokenize(prompt, k, r.where)
             enc.append(full)
             starts.append(split_continuation(ctx_ids, full.ids, r.where))
         out: list[tuple[float, bool] | None] = [None] * len(requests)
