@@ -60,6 +60,10 @@ Deviations from the official code:
     lists to fp32 for the prefix sums); cosine norms are clamped at 1e-6 (``F.normalize``: 1e-12).
   * Ties: lower token index first in both rankings (``torch.topk`` has no defined tie order).
   * ``quota`` (the code's ``budget_thres = 0.25``) is exposed; ``0 <= quota <= 0.5``.
+
+On LLaVA-OneVision (SigLIP, no [CLS]) its CLS list ranks by the CLS-free surrogate in ``ctx.cls_attn`` (attention
+each patch receives, averaged over its crop's queries; AdaV @ 746da86 has no SigLIP path;
+:mod:`jaxprune.families.onevision_spans`).
 """
 
 from __future__ import annotations

@@ -69,6 +69,9 @@ unspecified. Our choices, and why:
 Positions: renumbered (pre-LLM; the LLM sees a shorter sequence). Budget: ``budget`` visual tokens per
 image; slots a budget cannot fill (fewer valid tokens) come back invalid. Static shapes throughout:
 ranks come from one ``lax.sort`` on (invalid, -score, index) keys, no host callbacks.
+
+On LLaVA-OneVision (SigLIP, no [CLS]) the visual saliency is the CLS-free surrogate in ``ctx.cls_attn``
+(attention each patch receives, averaged over its crop's queries; :mod:`jaxprune.families.onevision_spans`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ Positions: renumbered (pre-LLM; the LLM sees a shorter sequence).
 Deviations from the official code: selection happens after the projector instead of before; the
 projector is per-token, so the kept features are identical. Ties go to the lower index (torch
 ``topk`` has no defined tie order).
+
+On LLaVA-OneVision (SigLIP, no [CLS]) ``ctx.cls_attn`` holds the CLS-free surrogate: the attention each
+patch receives, averaged over its crop's query patches (no official SigLIP path; see
+:mod:`jaxprune.families.onevision_spans`, tested in tests/test_reducers_onevision.py).
 """
 
 from __future__ import annotations

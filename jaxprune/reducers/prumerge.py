@@ -76,6 +76,9 @@ Deviations from the official code:
     never an outlier but can be a grid pick), or per crop with ``next_options(..., per_crop=True)``, where
     :meth:`~jaxprune.reducers.base.ReducerBase.per_segment` gives each crop ``budget // n`` tokens, its own
     extra token included.
+
+On LLaVA-OneVision (SigLIP, no [CLS]) the outlier scores read the CLS-free surrogate in ``ctx.cls_attn``
+(attention each patch receives, averaged over its crop's queries; :mod:`jaxprune.families.onevision_spans`).
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ back ``valid=False``, CLS twice under the "full" feature strategy), plus: ``visi
 below the feature layer (the official code only acts at ``hidden_states[-2]``); the tower's remaining
 layers then run on the reduced tokens, where the two identical CLS copies act as one CLS key with twice
 the attention weight (the official code has no such case).
+
+On LLaVA-OneVision: as VisionZip (the CLS-free surrogate, placeholder CLS slot; :mod:`jaxprune.families
+.onevision_spans`).
 """
 
 from __future__ import annotations

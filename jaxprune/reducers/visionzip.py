@@ -45,6 +45,10 @@ Deviations from the official code:
     would fail) come back ``valid=False``. CLS is always valid.
   * With ``vision_feature_select_strategy="full"`` (not LLaVA-1.5/NeXT) the LLM would see CLS twice.
   * ``merged_into`` is not filled (None).
+
+On LLaVA-OneVision (SigLIP, no [CLS]) the dominant tokens rank by the CLS-free surrogate (attention each patch
+receives, averaged over the crop's queries) in a placeholder-CLS context whose CLS slot is dropped and given to
+one more dominant patch (the official code @ 3151f6d has no SigLIP path; :mod:`jaxprune.families.onevision_spans`).
 """
 
 from __future__ import annotations
