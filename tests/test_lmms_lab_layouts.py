@@ -457,3 +457,70 @@ def test_gqa_from_a_datasets_cache_with_both_configs(tmp_path):
         rows = [r for f in sorted((tmp_path / "src" / config).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
         _write_cache_table(cache / config / "0.0.0" / "0123abcd", "gqa", config, "testdev", rows, schema)
     same_questions(b.load(tmp_path / "hf"), official, meta=("structural", "semantic"))
+
+
+def _all_lmms_lab_roots(tmp_path: Path) -> dict[str, Path]:
+    """Every benchmark's fixture as lmms-lab shards (the layouts of the tests above)."""
+    roots = {}
+    official = get_benchmark("pope").load(FIX / "pope")
+    write_shards(tmp_path / "POPE" / "data", "test", pope_rows(official), POPE_SCHEMA)
+    roots["pope"] = tmp_path / "POPE"
+    official = get_benchmark("mme").load(FIX / "mme")
+    write_shards(tmp_path / "MME" / "data", "test", [
+        {"question_id": q.question_id, "image": img(q.image_path.read_bytes()), "question": q.metadata["mme_question"],
+         "answer": q.answers[0], "category": q.category} for q in official], MME_SCHEMA)
+    roots["mme"] = tmp_path / "MME"
+    problems = json.loads((FIX / "scienceqa" / "problems.json").read_text())
+    official = get_benchmark("scienceqa").load(FIX / "scienceqa", image_only=True)
+    write_shards(tmp_path / "ScienceQA" / "ScienceQA-IMG", "test", [
+        {"image": img(q.image_path.read_bytes()), "question": problems[str(q.question_id)]["question"],
+         "choices": problems[str(q.question_id)]["choices"], "answer": problems[str(q.question_id)]["answer"],
+         "hint": problems[str(q.question_id)].get("hint") or ""} for q in official], SQA_SCHEMA, n_shards=2)
+    roots["scienceqa"] = tmp_path / "ScienceQA"
+    anns = json.loads((FIX / "seed" / "SEED-Bench.json").read_text())["questions"]
+    write_shards(tmp_path / "SEED" / "data", "test", [
+        {**{k: a[k] for k in ("answer", "choice_a", "choice_b", "choice_c", "choice_d", "data_type", "question",
+                              "question_id", "question_type_id")}, "data_id": a.get("data_id"),
+         "image": [img(png(i))]} for i, a in enumerate(anns)], SEED_SCHEMA)
+    roots["seed"] = tmp_path / "SEED"
+    write_shards(tmp_path / "textvqa" / "data", "validation", textvqa_rows(), TEXTVQA_SCHEMA, n_shards=2)
+    roots["textvqa"] = tmp_path / "textvqa"
+    official = get_benchmark("vqav2").load(FIX / "vqav2", question_file="v2_OpenEnded_mscoco_val2014_questions.json")
+    write_shards(tmp_path / "VQAv2" / "data", "validation", [
+        {"question_type": q.metadata["question_type"], "multiple_choice_answer": q.metadata["multiple_choice_answer"],
+         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(q.answers)],
+         "image_id": q.metadata["image_id"], "answer_type": q.metadata["answer_type"], "question_id": q.question_id,
+         "question": q.metadata["question"], "image": img(png(q.metadata["image_id"]))} for q in official],
+        VQAV2_SCHEMA)
+    roots["vqav2"] = tmp_path / "VQAv2"
+    write_gqa(tmp_path / "GQA", get_benchmark("gqa").load(FIX / "gqa"))
+    roots["gqa"] = tmp_path / "GQA"
+    official = get_benchmark("mmbench").load(FIX / "mmbench")
+    write_shards(tmp_path / "MMBench" / "en", "dev", [
+        {"index": int(q.question_id), "question": q.metadata["question"], "hint": q.metadata.get("hint"),
+         **{c: q.metadata.get(c) for c in "ABCD"}, "answer": q.answers[0] if q.answers else None,
+         "category": q.metadata.get("category"), "image": img(base64.b64decode(q.image_b64)),
+         "source": q.metadata.get("source"), "L2-category": q.metadata.get("l2-category"),
+         "comment": q.metadata.get("comment"), "split": q.metadata.get("split")} for q in official], MMB_SCHEMA)
+    roots["mmbench"] = tmp_path / "MMBench"
+    return roots
+
+
+@pytest.mark.slow
+def test_jaxprune_eval_answers_every_lmms_lab_benchmark(tmp_path, monkeypatch):
+    """One sweep over the eight lmms-lab layouts with the demo model (lmms-eval protocol): every question answered
+    from its embedded image, every benchmark scored and its scorer named."""
+    from jaxprune.eval.cli import main
+
+    monkeypatch.setenv("JAXPRUNE_CACHE", str(tmp_path / "cache"))
+    roots = _all_lmms_lab_roots(tmp_path / "data")
+    argv = ["--model", "demo", "--max-new-tokens", "3", "--batch-size", "4", "--out", str(tmp_path / "out"),
+            "--protocol", "lmms_eval", "--no-overlay", "--no-progress"]
+    for name, root in roots.items():
+        argv += ["--benchmark", name, "--data", str(root)]
+    assert main(argv) == 0
+    for name in roots:
+        rec = json.loads((tmp_path / "out" / name / "full" / "run.json").read_text())
+        n = len(get_benchmark(name).load(roots[name]))
+        assert rec["n_questions"] == rec["n_answered"] == n and not rec["skipped"], name
+        assert rec["score"]["protocol"] == "lmms_eval" and rec["score"]["scorer"].startswith("lmms-eval"), name
