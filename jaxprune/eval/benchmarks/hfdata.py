@@ -242,10 +242,10 @@ def read_rows(table: Table, required: Sequence[str], optional: Sequence[str] = (
 def require(path: Path, row: int, rec: dict[str, Any], column: str, types: type | tuple[type, ...]) -> Any:
     """``rec[column]`` checked to be of ``types`` (never None); else an error naming file, row and column."""
     v = rec.get(column)
-    if v is None or not isinstance(v, types) or isinstance(v, bool) and bool not in (
-            types if isinstance(types, tuple) else (types,)):
+    allowed = types if isinstance(types, tuple) else (types,)
+    if v is None or not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
         raise BenchmarkFormatError(path, f"row {row}, column {column!r}: expected "
-                                         f"{getattr(types, '__name__', types)}, got {v!r:.80}")
+                                         f"{' or '.join(t.__name__ for t in allowed)}, got {v!r:.80}")
     return v
 
 
