@@ -275,6 +275,8 @@ def test_lmms_adapter_requests_and_errors(tiny_dir):
     ll = lm.loglikelihood([_instance("loglikelihood", ("what color", " yes", vis, 0, "t", "test")),
                            _instance("loglikelihood", ("what color", lambda doc: "no", vis, 0, "t", "test"))])
     assert len(ll) == 2 and all(lp < 0 and isinstance(g, bool) for lp, g in ll)
+    (uncond,) = lm.loglikelihood([_instance("loglikelihood", ("", "yes"))])  # acc_mutual_info's 2-tuple
+    assert uncond[0] < 0
     with pytest.raises(ItemError, match=r"task t doc 1: 2 images; LLaVA-1\.5"):
         lm.generate_until([_instance("generate_until", ("q", dict(gen), vis, 1, "t", "test"), doc_id=1)])
     with pytest.raises(ItemError, match=r"task t doc 2: a video"):
@@ -336,3 +338,43 @@ def test_data_parallel_over_local_devices_matches_one_device(tiny_dir):
     assert four["gen"] == one["gen"]
     for (a, ga), (b, gb) in zip(four["ll"], one["ll"]):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_llava_next_rows_of_different_sizes_match_single_row_generate(tmp_path):
+    """Anyres: two images of different aspect ratios in one batch (pixels padded to the maximum crops, their own
+    ``image_sizes``) give what ``model.generate`` gives on each row alone."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor)
+
+    from jaxprune.eval.demo_model import DEMO_CFG, save_demo_tokenizer
+    from jaxprune.eval.lmms.backend import Backend
+    from jaxprune.eval.lmms.options import parse_model_args
+    from jaxprune.eval.lmms.requests import GenRequest, GenSettings, chat_prompt
+    from tests.conftest import perturb_
+
+    pins = [[28, 56], [56, 28], [56, 56]]
+    tc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=DEMO_CFG.text.vocab_size, eos_token_id=2, pad_token_id=0,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=28, patch_size=7)
+    cfg = LlavaNextConfig(text_config=tc, vision_config=vc, image_token_index=DEMO_CFG.image_token_index,
+                          image_grid_pinpoints=pins, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(1)
+    perturb_(LlavaNextForConditionalGeneration(cfg).eval()).save_pretrained(tmp_path)
+    LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                            image_grid_pinpoints=pins).save_pretrained(tmp_path)
+    save_demo_tokenizer(tmp_path)
+    b = Backend(parse_model_args({"pretrained": str(tmp_path), "batch_size": 2}))
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    ims = [Image.fromarray(rng.integers(0, 256, hw + (3,), dtype=np.uint8)) for hw in [(20, 50), (48, 44)]]
+    q = ["what color", "how many square"]
+    got = b.generate([GenRequest(t, (im,), GenSettings(4)) for t, im in zip(q, ims)])
+    for t, im, text in zip(q, ims, got):
+        e = b.encode(0, chat_prompt(t, 1), im, "t")
+        ids = b.ctx.model.generate(np.asarray([e.ids]), e.pixels[None], image_sizes=np.asarray([e.hw]),
+                                   max_new_tokens=4, eos_token_id=b.ctx.eos_ids, pad_token_id=b.ctx.pad_id)
+        assert text == b.decode_text(np.asarray(ids)[0], ())
+    assert len({b.encode(0, chat_prompt(t, 1), im, "t").ids.__len__() for t, im in zip(q, ims)}) == 2

@@ -79,6 +79,10 @@ class JaxpruneLMM(lmms):
         """Sum of the continuation's token log-probabilities and whether greedy decoding would produce it."""
         reqs = []
         for inst in requests:
+            if len(inst.args) == 2:  # multiple choice's unconditional (acc_mutual_info) request: no doc, no visual
+                reqs.append(LoglikRequest(str(inst.args[0]), str(inst.args[1]), (),
+                                          where(getattr(inst, "task_name", "?"), getattr(inst, "doc_id", "?"))))
+                continue
             context, target, doc_to_visual, doc_id, task, split = inst.args
             w = where(task, doc_id)
             cont = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
