@@ -331,6 +331,16 @@ def test_datasets_cache_and_save_to_disk_layouts(tmp_path):
     same_questions(b.load(tmp_path / "saved_one"), official)
 
 
+def test_pope_full_config_alone(tmp_path):
+    b = get_benchmark("pope")
+    official = b.load(FIX / "pope")
+    rows = pope_rows(official)
+    for cat in ("popular", "adversarial", "random"):
+        write_shards(tmp_path / "POPE" / "Full", cat, [r for r in rows if r["category"] == cat] or rows[:0],
+                     POPE_SCHEMA, n_shards=1)
+    same_questions(b.load(tmp_path / "POPE"), official, meta=("label_question_id",))
+
+
 def test_missing_shard_and_duplicated_rows_are_refused(tmp_path):
     b = get_benchmark("pope")
     official = b.load(FIX / "pope")
@@ -380,7 +390,7 @@ def test_neither_layout_names_both(tmp_path):
     write_shards(tmp_path / "x", "train", [{"id": "1", "image": img(png(0))}], GQA_IMAGES, n_shards=1)
     write_shards(tmp_path / "y", "train", [{"id": "1", "image": img(png(0))}], GQA_IMAGES, n_shards=1)
     with pytest.raises(FileNotFoundError, match=r"found x/train \(parquet\), y/train \(parquet\); expected one of "
-                                                r"default/test, Full/test"):
+                                                r"default/test .* or Full/adversarial, Full/random and Full/popular"):
         get_benchmark("pope").load(tmp_path)
 
 

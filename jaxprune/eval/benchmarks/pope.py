@@ -15,8 +15,8 @@ Official pieces reproduced (haotian-liu/LLaVA @ c121f0432da27facab705978f83c4ada
   ``yes_ratio`` is the ratio of *ground-truth* yes; accuracy / precision / recall / F1 over *all* rows (not the mean
   of the splits).  Prompt ``question.strip() + "\nAnswer the question using a single word or phrase."``.
 
-lmms-lab layout (``lmms-lab/POPE``, config ``default``, split ``test``; 9,000 rows: random has 3,000 where LLaVA's
-label files have 2,910): columns ``question_id`` (the label file's per-category id), ``question``, ``answer``,
+lmms-lab layout (``lmms-lab/POPE``, config ``default``, split ``test``, or else config ``Full``, splits ``adversarial``,
+``random``, ``popular``; 9,000 rows: random has 3,000 where LLaVA's label files have 2,910): columns ``question_id`` (the label file's per-category id), ``question``, ``answer``,
 ``category``, ``image`` (``{"bytes", "path"}``), ``image_source`` (COCO file stem), ``id``.  Questions get LLaVA's
 ids (category offset + ``question_id``) so answers files and keys agree with ``llava_pope_test.jsonl``.
 
@@ -78,11 +78,22 @@ def read_label_dir(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
 def load_lmms_pope(root: str | Path, protocol: str = "llava", *, config: str | None = None, split: str | None = None,
                    check_images: bool = True) -> list[Question]:
     """``lmms-lab/POPE`` rows as questions (see the module docstring)."""
-    table = hfdata.select_table(root, "lmms-lab/POPE", (None, "Full"), ("test",), config=config, split=split)
+    try:
+        tables = [hfdata.select_table(root, "lmms-lab/POPE", (None,), ("test",), config=config, split=split)]
+    except FileNotFoundError as e:
+        if config not in (None, "Full") or split is not None:
+            raise
+        # only the "Full" config: its splits are the categories (read in LLaVA's order)
+        try:
+            tables = [hfdata.select_table(root, "lmms-lab/POPE", ("Full",), (s,), config="Full", split=s)
+                      for s in LLAVA_CATEGORY_ORDER]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{e} -- or Full/adversarial, Full/random and Full/popular") from None
     out: list[Question] = []
     seen: dict = {}
-    for path, row, rec in hfdata.read_rows(table, ("question_id", "question", "answer", "category", "image"),
-                                           ("image_source", "id")):
+    rows = (r for t in tables for r in hfdata.read_rows(t, ("question_id", "question", "answer", "category", "image"),
+                                                        ("image_source", "id")))
+    for path, row, rec in rows:
         question = hfdata.require(path, row, rec, "question", str)
         answer = hfdata.require(path, row, rec, "answer", str)
         category = hfdata.require(path, row, rec, "category", str)
