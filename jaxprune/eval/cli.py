@@ -61,7 +61,8 @@ def _epilog() -> str:
         layout = getattr(bench, "layout", "") or "(see its module docstring)"
         if getattr(bench, "layout_lmms", ""):
             layout += f"; or {bench.layout_lmms}"
-        lines += textwrap.wrap(layout, 116, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13)
+        lines += textwrap.wrap(layout, 116, initial_indent=f"  {name:<10} ", subsequent_indent=" " * 13,
+                               break_on_hyphens=False)
     lines += ["", "--protocol: 'llava' (default) = LLaVA's prompts and official scorers; 'lmms_eval' = lmms-eval's "
               "task prompts", "and scorers (VQAv2 also: vqaeval, vqaeval_2015); every score names its scorer."]
     lines += ["", "registered reducers (--reducer NAME:BUDGET, BUDGET = visual tokens per image in the papers' "
