@@ -131,3 +131,38 @@ def test_lmms_lab_prompts_equal_lmms_eval_doc_to_text(tmp_path):
         rows = [r for f in sorted(sub.rglob("*.parquet")) for r in pq.read_table(f).to_pylist()]
         qs = get_benchmark(name).load(root, protocol="lmms_eval")
         assert [q.text for q in qs] == [builders[name](r) for r in rows], name
+
+
+# {a} = the right letter, {w} = a wrong one: right and wrong answers in the forms the extractors meet
+MMB_PREDICTIONS = ["{a}", "({a})", "{a}. text", "The answer is {a}", "Option {a}", "{a})", "{w}", "I pick {a}.",
+                   "{a} {w}", "", "A cat sits on {a}", "answer: {a}", "{a}", "{a}."]
+
+
+def test_mmbench_static_circular_eval_equals_lmms_eval():
+    """``MMBench_Evaluator.eval_result(..., eval_method="static")`` on the fixture TSV's rows (rotations included)."""
+    from pathlib import Path
+
+    from lmms_eval.tasks.mmbench import en_utils as mbu
+
+    b = get_benchmark("mmbench")
+    qs = b.load(Path(__file__).resolve().parent / "fixtures" / "benchmarks" / "mmbench")
+    wrong = {"A": "B", "B": "C", "C": "D", "D": "A"}
+    seen = set()
+    for shift in range(5):
+        preds = {q.key: MMB_PREDICTIONS[(i + 3 * shift) % len(MMB_PREDICTIONS)].format(a=q.answers[0],
+                                                                                      w=wrong[q.answers[0]])
+                 for i, q in enumerate(qs)}
+        results = []
+        for q in qs:
+            m = q.metadata
+            doc = {"index": int(q.question_id), "question": m["question"], "answer": q.answers[0],
+                   "hint": m.get("hint") or "nan", "source": m.get("source"), "split": m.get("split"),
+                   "category": m.get("category"), "L2-category": m.get("l2-category")}
+            doc.update({c: (m.get(c) if m.get(c) is not None else "nan") for c in "ABCDE"})
+            results.append(mbu.mmbench_process_results(doc, [preds[q.key]])["gpt_eval_score"])
+        overall, per_cat, _ = mbu.mmbench_evaluator.eval_result(results, eval_method="static")
+        got = b.score(qs, preds, protocol="lmms_eval")
+        assert got["circular_accuracy"] == pytest.approx(100 * overall), shift
+        assert got["per_category"] == pytest.approx({k: 100 * v for k, v in per_cat.items() if k != "split"})
+        seen.add(got["circular_accuracy"])
+    assert len(seen) > 1          # the cases are not all one score
