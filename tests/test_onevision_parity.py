@@ -104,7 +104,7 @@ def hf_kwargs(ids, mask, px, sizes, num, pv):
 
 
 def hf_logits(hf, *b):
-    ids, mask = b[0], b[1]
+    mask = b[1]
     with torch.no_grad():
         return hf(position_ids=torch.tensor(np.maximum(mask.cumsum(1) - 1, 0)), **hf_kwargs(*b)).logits.numpy()
 

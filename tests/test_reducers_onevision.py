@@ -75,10 +75,23 @@ def batch(kind, seed=0):
 NAMES = [n for n in registry.names("llava_onevision") if n != "adsc_grid"]
 
 
+class VideoBudgets:
+    """``CFG`` seen by the factories of video rows: schedules (PyramidDrop, VisionDrop, ADSC) take their totals from
+    ``registry.visual_tokens(cfg)`` = ``max_image_tokens`` (the image span); a video span has ``VT`` tokens."""
+
+    max_image_tokens = VT
+
+    def __getattr__(self, k):
+        return getattr(CFG, k)
+
+
+FAST = ("fastervlm", "visionzip", "consensusdrop", "fastv")  # one per kind of path; the rest: ``pytest -m slow``
+
+
 @pytest.mark.parametrize("kind", ["image", "video"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAMES])
 def test_every_registered_reducer_runs_with_one_compile(name, kind):
-    spec = registry.make(name, BUDGET[kind], CFG)
+    spec = registry.make(name, BUDGET[kind], CFG if kind == "image" else VideoBudgets())
     fn = model().programs.forward
     before = fn._cache_size()
     full = M if kind == "image" else VT

@@ -51,7 +51,8 @@ def encode(m, static: EngineStatic, arrays: dict):
         # a family whose unreduced spans are all valid (LLaVA-1.5) places by rank, no search
         h = place_valid(text_emb, is_img, tok, None if getattr(lay, "dense", False) else tvalid)
         return h, valid, arrays["positions"], is_img, 0, None, None
-    N, ipr = px.shape[0], lay.ipr
+    ipr = lay.ipr
+    N = ids.shape[0] * ipr  # spans: every canonical row holds ipr (pixel arrays may hold crops / frames instead)
     row = jnp.arange(N) // ipr
     te, tv = text_emb[row], (valid & ~is_img)[row]  # [N, T, H], [N, T]: the prompt that owns each image
 
