@@ -166,3 +166,22 @@ def test_mmbench_static_circular_eval_equals_lmms_eval():
         assert got["per_category"] == pytest.approx({k: 100 * v for k, v in per_cat.items() if k != "split"})
         seen.add(got["circular_accuracy"])
     assert len(seen) > 1          # the cases are not all one score
+
+
+def test_mme_aggregation_equals_lmms_eval():
+    from pathlib import Path
+
+    from lmms_eval.tasks.mme import utils as mu
+
+    b = get_benchmark("mme")
+    qs = b.load(Path(__file__).resolve().parent / "fixtures" / "benchmarks" / "mme")
+    seen = set()
+    for k in range(6):
+        preds = {q.key: ["Yes", "no.", "Y", "Not sure", "N", " yes"][(i + k) % 6] for i, q in enumerate(qs)}
+        per = [mu.mme_process_results({"question_id": q.question_id, "answer": q.answers[0], "category": q.category},
+                                      [preds[q.key].strip()]) for q in qs]
+        perception = mu.mme_aggregate_results([p["mme_perception_score"] for p in per if "mme_perception_score" in p])
+        got = b.score(qs, preds, protocol="lmms_eval")
+        assert got["perception"] == pytest.approx(perception), k
+        seen.add(got["perception"])
+    assert len(seen) > 1
