@@ -111,7 +111,7 @@ def test_lmms_lab_prompts_equal_lmms_eval_doc_to_text(tmp_path):
     from lmms_eval.tasks.textvqa import utils as tu
     from lmms_eval.tasks.vqav2 import utils as vu
 
-    from test_lmms_lab_layouts import _all_lmms_lab_roots
+    from tests.test_lmms_lab_layouts import _all_lmms_lab_roots
 
     short = {"pre_prompt": "", "post_prompt": "\nAnswer the question using a single word or phrase."}
     mc = {"pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."}
