@@ -106,7 +106,9 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
     maximum) and ``image_tokens`` placeholders per image (its HF count; default: the maximum). The unreduced
     model runs the image's real tokens; with a reducer the decoder runs the static span of the family's layout
     (:mod:`jaxprune.families.llava_next`: ``S`` slots per image, unused ones masked but computed).
-    Video-LLaVA: ``images`` counts videos of ``cfg.num_frames`` frames (the layout budgets count against)."""
+    Video-LLaVA: ``images`` counts videos of ``cfg.num_frames`` frames (the layout budgets count against).
+    LLaVA-OneVision: ``crops`` SigLIP crops per image (default: 1, or the vision-stage span's crop slots) and
+    ``image_tokens`` placeholders (default: the config's maximum)."""
     from jaxprune import families
     from jaxprune.engine.cuts import check_llm_reducers
     from jaxprune.engine.plan import split_reducer
@@ -129,6 +131,21 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
             span, pool = st.S, st.V
         else:
             span = pool = st.S_full if image_tokens is None else int(image_tokens)
+    elif cfg.model_type == "llava_onevision":  # SigLIP: no CLS; ``crops`` crops (default: the static span's)
+        P = v.num_patches
+        n = int(crops) if crops is not None else (st.crops if st.vision else 1)
+        cost = 2 * P * v.patch_size ** 2 * v.num_channels * v.hidden_size
+        s, done, L = P, 0, cfg.feature_layer_index
+        for r in (st.specs if st.vision else ()):  # per crop, placeholder CLS outside the tower
+            cut = L if r.vision_layer is None else r.vision_layer
+            cost += sum(_clip_layer(cfg, s) for _ in range(done, cut))
+            done, s = cut, r.output_tokens(s) - 1  # as onevision_spans.reduced_static: d + c patches
+        vision = n * (cost + sum(_clip_layer(cfg, s) for _ in range(done, L)))
+        projector = n * 2 * s * (v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size ** 2)
+        if reducers:
+            span, pool = st.S, st.V
+        else:
+            span = pool = cfg.max_image_tokens if image_tokens is None else int(image_tokens)
     elif cfg.model_type == "video_llava":  # ``images`` = videos of ``cfg.num_frames`` frames (CLS kept per frame)
         F = st.frames
         vision_one, s = _tower(cfg, st.specs if st.frames_mode == "per_frame" else ())

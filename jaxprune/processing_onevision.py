@@ -63,6 +63,27 @@ class OnevisionProcessorConfig:
     def grid(self) -> int:
         return self.crop_size // self.patch_size
 
+    # the anyres interface the eval harness plans with (:class:`~jaxprune.processing_anyres.AnyresProcessorConfig`'s)
+    @property
+    def pinpoints_hw(self) -> tuple[tuple[int, int], ...]:
+        return self.pinpoints
+
+    @property
+    def max_crops(self) -> int:
+        return max(1 + (h // self.crop_size) * (w // self.crop_size) for h, w in self.pinpoints)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """``<image>`` ids of an image alone in its prompt."""
+        return num_image_tokens(height, width, self)
+
+    def prompt(self, question: str, with_image: bool = True) -> str:
+        """The chat-template prompt of one question (:func:`build_prompt`)."""
+        return build_prompt(question, images=int(with_image))
+
+    def preprocess(self, image) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image alone in its prompt -> (crops ``[n, 3, S, S]``, (height, width))."""
+        return image_crops(image, self)
+
     @classmethod
     def from_model_config(cls, cfg: Any, **kw) -> "OnevisionProcessorConfig":
         """From a ``llava_onevision`` :class:`jaxprune.config.LlavaConfig`."""

@@ -14,6 +14,8 @@
 * LLaVA-NeXT (anyres): an image's placeholder count depends on its size, so planning reads each image's size
   from its header (:func:`image_hw`, no decoding), pixels are ``[crops, 3, S, S]`` padded to the config's maximum
   crops, and every row carries ``image_sizes`` (HF ``LlavaNextProcessor`` convention).
+* LLaVA-OneVision (``img_cfg`` a :class:`~jaxprune.processing_onevision.OnevisionProcessorConfig`): as NeXT
+  (one image per question: the anyres path), with the model card's Qwen2 chat-template prompt.
 * Video-LLaVA (``img_cfg`` a :class:`~jaxprune.eval.video.VideoEvalConfig`): a question with a video gets the
   ``USER: <video>\\n... ASSISTANT:`` prompt, ``<video>`` expanded to ``tokens_per_video`` ids, and its row
   ``pixel_values_videos [F, 3, S, S]`` (:mod:`jaxprune.eval.video`).
@@ -31,6 +33,7 @@ import numpy as np
 
 from jaxprune.eval.benchmarks import Question
 from jaxprune.processing_anyres import AnyresProcessorConfig, anyres_grid, preprocess_anyres_image
+from jaxprune.processing_onevision import OnevisionProcessorConfig
 from jaxprune.processing import (
     IMAGE_TOKEN,
     ImageProcessorConfig,
@@ -41,6 +44,10 @@ from jaxprune.processing import (
 
 from . import video as vid
 from .config import ConfigError, ItemError
+
+
+#: image configs with size-dependent placeholder counts and ``[crops, 3, S, S]`` pixels (LLaVA-NeXT, OneVision)
+ANYRES = (AnyresProcessorConfig, OnevisionProcessorConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +106,7 @@ def image_tokens_of(q: Question, img_cfg: Any, tokens_per_image: int) -> tuple[i
     count of its size (LLaVA-NeXT; an unreadable image plans with the maximum and fails when loaded)."""
     if isinstance(img_cfg, vid.VideoEvalConfig) and q.video is not None:
         return img_cfg.tokens_per_video, img_cfg.num_frames
-    if not isinstance(img_cfg, AnyresProcessorConfig):
+    if not isinstance(img_cfg, ANYRES):
         return tokens_per_image, 1
     try:
         h, w = image_hw(q)
@@ -113,8 +120,8 @@ def make_items(questions: Sequence[Question], tokenizer: Any, tokens_per_image: 
                ) -> list[Item]:
     """Prompts and planned lengths; ``img_cfg`` (an :class:`AnyresProcessorConfig` for LLaVA-NeXT) decides the
     placeholder count of each image (``tokens_per_image`` is then the maximum)."""
-    prompts = [vid.prompt(q) if q.video is not None else build_vicuna_v1_prompt(q.text, with_image=has_image(q))
-               for q in questions]
+    chat = img_cfg.prompt if isinstance(img_cfg, OnevisionProcessorConfig) else build_vicuna_v1_prompt
+    prompts = [vid.prompt(q) if q.video is not None else chat(q.text, with_image=has_image(q)) for q in questions]
     if not prompts:
         return []
     enc = tokenizer(prompts)["input_ids"]
@@ -149,6 +156,8 @@ def load_pixels(q: Question, img_cfg: ImageProcessorConfig | AnyresProcessorConf
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
         raise ItemError(f"{where}: cannot read {q.image_source}: {type(e).__name__}: {e}") from None
     try:
+        if isinstance(img_cfg, OnevisionProcessorConfig):
+            return img_cfg.preprocess(img)
         if isinstance(img_cfg, AnyresProcessorConfig):
             return preprocess_anyres_image(img, img_cfg)
         return preprocess_image(img, img_cfg)
@@ -203,7 +212,7 @@ def load_batch_images(batch: Batch, rows: range, img_cfg: ImageProcessorConfig |
     for those that failed. Thread-safe (no tokenizer): the runner prefetches with it. Anyres configs give
     ``[b, max crops, 3, S, S]`` (crops beyond an image's own are zeros) and each row's (height, width); failed
     and dummy rows get the batch's first image size (their prompt is the first item's)."""
-    anyres = isinstance(img_cfg, AnyresProcessorConfig)
+    anyres = isinstance(img_cfg, ANYRES)
     video = isinstance(img_cfg, vid.VideoEvalConfig) and batch.items[0].question.video is not None
     px = sizes = None
     if batch.n_images:

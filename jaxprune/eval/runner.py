@@ -348,6 +348,10 @@ def image_processor(cfg: Any, model_dir: str | Path | None, image_mode: str = "p
             raise ConfigError(f"{pp}: the processor's crop size / image_grid_pinpoints ({img_cfg.crop_size}, "
                               f"{img_cfg.pinpoints_hw}) differ from the model config's ({s}, {cfg.image_grid_pinpoints})")
         return img_cfg
+    if cfg.model_type == "llava_onevision":  # the model config's geometry (LlavaOnevisionImageProcessor defaults)
+        from jaxprune.processing_onevision import OnevisionProcessorConfig
+
+        return OnevisionProcessorConfig.from_model_config(cfg)
     if cfg.model_type != "llava":
         raise ConfigError(f"the eval harness has no image preprocessing for model_type={cfg.model_type!r}")
     img_cfg = None
