@@ -37,6 +37,7 @@ from jaxprune.eval.engine import Engine
 from jaxprune.eval.runner import Context, make_reducer, max_image_tokens
 from jaxprune.processing import preprocess_image, tokenize_prompts
 from jaxprune.processing_anyres import AnyresProcessorConfig, preprocess_anyres_image
+from jaxprune.processing_onevision import OnevisionProcessorConfig
 
 from .options import LmmsOptions
 from .requests import GenRequest, LoglikRequest, chat_prompt, continuation_text, cut_at_stop, split_continuation
@@ -130,8 +131,9 @@ class Backend:
         k = 1
         if image is not None:
             try:
-                if isinstance(c.img_cfg, AnyresProcessorConfig):
-                    px, hw = preprocess_anyres_image(image, c.img_cfg)
+                if isinstance(c.img_cfg, (AnyresProcessorConfig, OnevisionProcessorConfig)):
+                    px, hw = (c.img_cfg.preprocess(image) if isinstance(c.img_cfg, OnevisionProcessorConfig)
+                              else preprocess_anyres_image(image, c.img_cfg))
                     k = c.img_cfg.num_image_tokens(*hw)
                 else:
                     px = preprocess_image(image, c.img_cfg)
@@ -164,7 +166,7 @@ class Backend:
         ok = np.asarray([r < len(chunk) for r in self.my_rows], bool)
         px = sizes = None
         if chunk[0].pixels is not None:
-            if isinstance(self.ctx.img_cfg, AnyresProcessorConfig):
+            if isinstance(self.ctx.img_cfg, (AnyresProcessorConfig, OnevisionProcessorConfig)):
                 S = self.ctx.model.cfg.vision.image_size
                 px = np.zeros((len(mine), self.ctx.img_cfg.max_crops, 3, S, S), np.float32)
                 sizes = np.zeros((len(mine), 2), np.int64)
@@ -210,7 +212,7 @@ class Backend:
         """Greedy continuations, in request order."""
         enc = []
         for i, r in enumerate(requests):
-            prompt = chat_prompt(r.context, len(r.images), r.where)
+            prompt = chat_prompt(r.context, len(r.images), r.where, self.model_type)
             enc.append(self.encode(i, prompt, r.images[0] if r.images else None, r.where))
         out: list[str | None] = [None] * len(requests)
         for chunk in self.batches(enc, key=lambda e: requests[e.index].settings.max_new_tokens):
@@ -226,7 +228,7 @@ class Backend:
         enc, starts = [], []
         for i, r in enumerate(requests):
             image = r.images[0] if r.images else None
-            prompt = chat_prompt(r.context, len(r.images), r.where)
+            prompt = chat_prompt(r.context, len(r.images), r.where, self.model_type)
             full = self.encode(i, continuation_text(prompt, r.continuation), image, r.where)
             k = max(1, full.ids.count(self.ctx.model.cfg.image_token_index))  # the image's placeholder count
             ctx_ids = self.tokenize(prompt, k, r.where)

@@ -21,7 +21,7 @@ from jaxprune.eval.config import ConfigError, ItemError
 from jaxprune.processing import IMAGE_TOKEN, build_vicuna_v1_prompt
 
 #: Families whose image preprocessing the plugin runs, and what each takes per request.
-FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT"}
+FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,15 +115,19 @@ def check_visuals(visuals: Any, model_type: str, where: str) -> tuple[Any, ...]:
     return tuple(items)
 
 
-def chat_prompt(context: str, n_images: int, where: str = "") -> str:
-    """The vicuna_v1 prompt of ``jaxprune-eval``: ``<image>\\n`` before the context when it has an image and the
-    context does not place ``<image>`` itself."""
+def chat_prompt(context: str, n_images: int, where: str = "", model_type: str = "llava") -> str:
+    """The prompt of ``jaxprune-eval``: vicuna_v1 (LLaVA-1.5 / NeXT) or, for ``llava_onevision``, the model card's
+    Qwen2 chat template; ``<image>\\n`` before the context when it has an image and the context does not place
+    ``<image>`` itself."""
     k = context.count(IMAGE_TOKEN)
-    if k:
-        if k != n_images:
-            raise ItemError(f"{where}: the context holds {k} {IMAGE_TOKEN!r} but the request has {n_images} image(s)")
-        return build_vicuna_v1_prompt(context, with_image=False)
-    return build_vicuna_v1_prompt(context, with_image=n_images > 0)
+    if k and k != n_images:
+        raise ItemError(f"{where}: the context holds {k} {IMAGE_TOKEN!r} but the request has {n_images} image(s)")
+    with_image = n_images > 0 and not k
+    if model_type == "llava_onevision":
+        from jaxprune.processing_onevision import build_prompt
+
+        return build_prompt(context, images=int(with_image))
+    return build_vicuna_v1_prompt(context, with_image=with_image)
 
 
 def continuation_text(prompt: str, continuation: str) -> str:
