@@ -136,6 +136,8 @@ def partition_specs(cfg: LlavaConfig, model_axis: int, vision: str = "auto") -> 
             if parts[1] == "layers":
                 if leaf in ("q_proj.kernel", "k_proj.kernel", "v_proj.kernel", "gate_proj.kernel", "up_proj.kernel"):
                     spec = _COL
+                elif leaf in ("q_proj.bias", "k_proj.bias", "v_proj.bias"):  # Qwen2: with their column-parallel kernel
+                    spec = P(MODEL)
                 elif leaf in ("o_proj.kernel", "down_proj.kernel"):
                     spec = _ROW
             elif name == "language.embed_tokens.embedding" and H % m == 0:

@@ -182,3 +182,17 @@ def test_refusals_and_generate():
                 pixel_values_videos=kw["pixel_values_videos"], reducer=R.fastervlm(8))
     with pytest.raises(BudgetError, match="larger than"):
         model()(**ikw, reducer=R.fastervlm(M + 1))
+
+
+def test_sharded_qwen2_biases_follow_their_kernels():
+    from jax.sharding import PartitionSpec as PS
+
+    from jaxprune.sharding import partition_specs
+
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, text=dataclasses.replace(CFG.text, num_key_value_heads=2))
+    specs = partition_specs(cfg, 2)
+    assert specs["language.layers.0.self_attn.q_proj.bias"] == PS("model")
+    assert specs["language.layers.0.self_attn.o_proj.kernel"] != specs["language.layers.0.self_attn.q_proj.kernel"]
+    assert "vision.patch_embedding.bias" in specs
