@@ -262,6 +262,7 @@ def _instance(kind, args, doc_id=0, task="t"):
 def test_lmms_adapter_requests_and_errors(tiny_dir):
     _lmms()
     from jaxprune.eval.lmms.model import JaxpruneLMM
+    from jaxprune.eval.lmms.requests import LoglikRequest
 
     lm = JaxpruneLMM.create_from_arg_string(f"pretrained={tiny_dir},reducer=fastv:5,batch_size=2",
                                             {"batch_size": "1", "device": "cuda:0", "max_batch_size": None})
@@ -274,9 +275,12 @@ def test_lmms_adapter_requests_and_errors(tiny_dir):
     assert len(out) == 1 and len(out[0].split()) == 3
     ll = lm.loglikelihood([_instance("loglikelihood", ("what color", " yes", vis, 0, "t", "test")),
                            _instance("loglikelihood", ("what color", lambda doc: "no", vis, 0, "t", "test"))])
-    assert len(ll) == 2 and all(lp < 0 and isinstance(g, bool) for lp, g in ll)
+    # a string continuation is a multiple-choice request: lmms-eval takes argmin, so the score is -sum(log p);
+    # doc_to_target (a callable) is output_type loglikelihood: sum(log p)
+    assert len(ll) == 2 and ll[0][0] > 0 and ll[1][0] < 0 and all(isinstance(g, bool) for _, g in ll)
+    assert -ll[0][0] == pytest.approx(lm.backend.loglikelihood([LoglikRequest("what color", " yes", (im[0],))])[0][0])
     (uncond,) = lm.loglikelihood([_instance("loglikelihood", ("", "yes"))])  # acc_mutual_info's 2-tuple
-    assert uncond[0] < 0
+    assert uncond[0] > 0
     with pytest.raises(ItemError, match=r"task t doc 1: 2 images; LLaVA-1\.5"):
         lm.generate_until([_instance("generate_until", ("q", dict(gen), vis, 1, "t", "test"), doc_id=1)])
     with pytest.raises(ItemError, match=r"task t doc 2: a video"):

@@ -76,12 +76,20 @@ class JaxpruneLMM(lmms):
         return self.backend.generate(reqs)
 
     def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
-        """Sum of the continuation's token log-probabilities and whether greedy decoding would produce it."""
-        reqs = []
+        """``(score, is_greedy)`` per request, in lmms-eval 0.7's two conventions (``api/task.py``):
+
+        * ``output_type: loglikelihood`` (continuation = the task's ``doc_to_target``, a callable): the sum of the
+          continuation's token log-probabilities (``perplexity`` aggregates ``exp(-mean)``);
+        * ``output_type: multiple_choice`` (continuation = a string, one request per choice, plus the unconditional
+          2-tuples of ``acc_mutual_info``): the *negative* sum, since that task type picks ``argmin`` of the
+          returned values (lmms-eval's own models return a loss there).
+        """
+        reqs, negate = [], []
         for inst in requests:
             if len(inst.args) == 2:  # multiple choice's unconditional (acc_mutual_info) request: no doc, no visual
                 reqs.append(LoglikRequest(str(inst.args[0]), str(inst.args[1]), (),
                                           where(getattr(inst, "task_name", "?"), getattr(inst, "doc_id", "?"))))
+                negate.append(True)
                 continue
             context, target, doc_to_visual, doc_id, task, split = inst.args
             w = where(task, doc_id)
@@ -89,7 +97,8 @@ class JaxpruneLMM(lmms):
             if isinstance(cont, (list, tuple)):
                 raise ConfigError(f"{w}: doc_to_target gave {len(cont)} targets; loglikelihood scores one")
             reqs.append(LoglikRequest(str(context), str(cont), self._visuals(doc_to_visual, task, split, doc_id), w))
-        return self.backend.loglikelihood(reqs)
+            negate.append(isinstance(target, str))
+        return [(-lp if neg else lp, g) for (lp, g), neg in zip(self.backend.loglikelihood(reqs), negate)]
 
     def generate_until_multi_round(self, requests: list) -> list[str]:
         """Not implemented: refused with the task's name."""
