@@ -101,31 +101,33 @@ class Llava:
         return jax.tree_util.tree_map(jnp.asarray, arrays)
 
     def plan(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, reducer=None,
-             position_ids=None, pixel_values_videos=None) -> Plan:
+             position_ids=None, pixel_values_videos=None, reducer_inputs=None) -> Plan:
         """Validate a call and fix its static layout (:func:`jaxprune.engine.plan`)."""
         return engine.plan(self, input_ids, pixel_values, attention_mask, image_sizes, reducer, position_ids,
-                           pixel_values_videos)
+                           pixel_values_videos, reducer_inputs)
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, reducer=None,
-                 position_ids=None, pixel_values_videos=None) -> LlavaOutput:
+                 position_ids=None, pixel_values_videos=None, reducer_inputs=None) -> LlavaOutput:
         """Logits ``[B, T, V]`` for HF-style inputs (``reducer=None``: exactly HF's layout).
 
         ``position_ids`` default to ``cumsum(attention_mask) - 1`` (what HF ``generate`` uses); HF's
         plain forward uses ``arange(T)``, which differs only on left-padded rows. With a reducer, the
         logits cover the reduced sequence (``out.attention_mask`` its validity, ``out.kept`` the source of
-        each visual token). ``pixel_values_videos [B_v, frames, C, H, W]``: videos (Video-LLaVA)."""
+        each visual token). ``pixel_values_videos [B_v, frames, C, H, W]``: videos (Video-LLaVA).
+        ``reducer_inputs``: ``{name: [images, patches]}`` for reducers that read caller-side information (the
+        synthvqa ``oracle``: ``patch_prior``); see :mod:`jaxprune.engine.reducer_inputs`."""
         return engine.forward(self, self.plan(input_ids, pixel_values, attention_mask, image_sizes, reducer,
-                                              position_ids, pixel_values_videos))
+                                              position_ids, pixel_values_videos, reducer_inputs))
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, reducer=None,
                  max_new_tokens: int = 32, eos_token_id: int | tuple[int, ...] | None = None,
-                 pad_token_id: int | None = None, pixel_values_videos=None) -> jax.Array:
+                 pad_token_id: int | None = None, pixel_values_videos=None, reducer_inputs=None) -> jax.Array:
         """Greedy decoding: ``[B, max_new_tokens]`` int32; rows that hit EOS are filled with the pad id."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         eos, pad = self.stop_ids(eos_token_id, pad_token_id)
         p = self.plan(input_ids, pixel_values, attention_mask, image_sizes, reducer,
-                      pixel_values_videos=pixel_values_videos)
+                      pixel_values_videos=pixel_values_videos, reducer_inputs=reducer_inputs)
         state = engine.prefill(self, p, max_new_tokens)
         return engine.decode(self, state, max_new_tokens, eos, pad)
 

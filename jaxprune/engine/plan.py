@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxprune import families
 from jaxprune.engine.cuts import check_llm_reducers
+from jaxprune.engine.reducer_inputs import TABLE_KEY, check_reducer_inputs
 from jaxprune.engine.sequence import canonical_sequence
 from jaxprune.families.base import VisualInputs
 from jaxprune.inputs import InputError, bucket_length, check_text
@@ -81,11 +82,12 @@ def validate_reducer(cfg, reducer, images_per_row: int = 1) -> None:
 
 
 def plan(model, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, reducer=None,
-         position_ids=None, pixel_values_videos=None) -> Plan:
+         position_ids=None, pixel_values_videos=None, reducer_inputs=None) -> Plan:
     """Validate HF-style inputs (+ ``reducer``) for ``model`` and build the :class:`Plan` of the call.
 
     ``pixel_values_videos [B_v, frames, C, H, W]``: videos, for families that take them (Video-LLaVA); any other
-    family refuses the argument by name."""
+    family refuses the argument by name. ``reducer_inputs``: ``{name: [images, patches]}`` for reducers that read
+    caller-side information (:mod:`jaxprune.engine.reducer_inputs`; names no reducer reads are ignored)."""
     cfg = model.cfg
     fam = families.get(cfg.model_type)
     text = check_text(cfg, input_ids, attention_mask, position_ids)
@@ -105,6 +107,7 @@ def plan(model, input_ids, pixel_values=None, attention_mask=None, image_sizes=N
     else:
         visual = fam.check_visual(cfg, pixel_values, image_sizes, text.image_tokens)
     pad_id = 0 if tok != 0 else 1
+    extra = None  # reducer_inputs the spec reads (none without a reducer)
     if reducer is None:
         layout = None if visual is None else fam.static(cfg, (), None, 0, visual)
         Tb = bucket_length(T, model.bucket)
@@ -136,7 +139,10 @@ def plan(model, input_ids, pixel_values=None, attention_mask=None, image_sizes=N
         check_llm_reducers(cfg, reducers, ipr, layout.V)
         arrays = {"input_ids": ids, "valid": valid}
         static = EngineStatic(cfg.model_type, layout, reducers, True)
+        extra = check_reducer_inputs(cfg, reducers, reducer_inputs, N)
     if visual is not None:
         arrays["pixel_values"] = visual.pixel_values.astype(model.dtype)
         arrays["tables"] = fam.tables(cfg, visual, layout)
+        if extra is not None:
+            arrays["tables"] = {**arrays["tables"], TABLE_KEY: extra}
     return Plan(arrays=model.put_arrays(arrays), static=static, length=length, visual=visual)

@@ -19,7 +19,8 @@ import numpy as np
 from jaxprune.models.tower import clip_segment, cls_attention
 from jaxprune.families.base import TextToImage, VisualInputs, register
 from jaxprune.inputs import InputError, check_pixels
-from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext
+from jaxprune.reducers.base import (INPUTS_TABLE_KEY, BudgetError, ProjectorContext, Reduced, VisionContext,
+                                   align_inputs)
 from jaxprune.reducers.options import OPTIONS
 
 
@@ -98,15 +99,17 @@ def tower_stage(m, reducers: tuple, px: jax.Array, te, tv, *, kind: str = "image
 
 
 def projector_stage(reducers: tuple, feats, fvalid, fsrc, vision_hidden, cls_attn, k, te, tv,
-                    t2i: TextToImage | None, grid: tuple[int, int]):
+                    t2i: TextToImage | None, grid: tuple[int, int], inputs: dict | None = None):
     """The projector-stage reducers in order on the state :func:`tower_stage` returns (``src`` follows each
-    selection). Returns ``(feats [N, S, H], valid [N, S], src [N, S])``."""
+    selection). ``inputs``: per-patch ``reducer_inputs`` ``{name: [N, P]}`` (each context gets them aligned with its
+    slots). Returns ``(feats [N, S, H], valid [N, S], src [N, S])``."""
     for r in (r for r in reducers if r.stage == "projector"):
         t2i_r = None
         if getattr(r, "shallow_layers", 0):
             t2i_r = t2i(feats, fvalid, r.shallow_layers, getattr(r, "query_rows", 32))
         red = r(ProjectorContext(features=feats, valid=fvalid, vision_hidden=vision_hidden, cls_attn=cls_attn,
-                                 keys=k, text_embeds=te, text_valid=tv, text_to_image=t2i_r, grid=grid))
+                                 keys=k, text_embeds=te, text_valid=tv, text_to_image=t2i_r, grid=grid,
+                                 inputs=align_inputs(inputs, fsrc)))
         feats, fvalid = red.tokens, red.valid
         fsrc = jnp.take_along_axis(fsrc, red.index, axis=1)
         vision_hidden = jnp.take_along_axis(vision_hidden, red.index[..., None], axis=1)
@@ -116,12 +119,14 @@ def projector_stage(reducers: tuple, feats, fvalid, fsrc, vision_hidden, cls_att
 
 
 def encode_images(m, reducers: tuple, px: jax.Array, te, tv, t2i: TextToImage | None, *, kind: str = "image",
-                  full: bool | None = None):
+                  full: bool | None = None, inputs: dict | None = None):
     """Single-crop images ``px [N, C, S, S]`` -> spans ``(tokens [N, S, H], valid [N, S], pool [N, S], kept
-    [N, S])`` (``kept``: source patch, -1 for CLS / empty slots): :func:`tower_stage` + :func:`projector_stage`."""
+    [N, S])`` (``kept``: source patch, -1 for CLS / empty slots): :func:`tower_stage` + :func:`projector_stage`
+    (``inputs``: per-patch reducer inputs ``{name: [N, P]}``)."""
     g = m.cfg.vision.grid
     feats, fvalid, fsrc, vh, cls_attn, k = tower_stage(m, reducers, px, te, tv, kind=kind, full=full)
-    feats, fvalid, fsrc = projector_stage(reducers, feats, fvalid, fsrc, vh, cls_attn, k, te, tv, t2i, (g, g))
+    feats, fvalid, fsrc = projector_stage(reducers, feats, fvalid, fsrc, vh, cls_attn, k, te, tv, t2i, (g, g),
+                                          inputs)
     return feats, fvalid, jnp.ones(fvalid.shape, bool), jnp.where(fvalid, fsrc, -1)
 
 
@@ -155,8 +160,9 @@ class LlavaFamily:
     def encode(self, m, st: LlavaStatic, reducers: tuple, px: jax.Array, tables: dict, te, tv,
                t2i: TextToImage | None):
         """Tower, vision/projector-stage reducers, projector: ``px [N, C, S, S]`` -> image spans
-        ``(tokens [N, S, H], valid [N, S], pool [N, S], kept [N, S])`` (``kept``: source patch, -1 for CLS)."""
-        return encode_images(m, reducers, px, te, tv, t2i)
+        ``(tokens [N, S, H], valid [N, S], pool [N, S], kept [N, S])`` (``kept``: source patch, -1 for CLS);
+        ``tables["reducer_inputs"]``: the plan's validated reducer inputs, if the spec reads any."""
+        return encode_images(m, reducers, px, te, tv, t2i, inputs=tables.get(INPUTS_TABLE_KEY))
 
 
 FAMILY = register("llava", LlavaFamily())

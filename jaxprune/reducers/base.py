@@ -82,6 +82,9 @@ class ProjectorContext:
     text_valid: jax.Array      # [N, T] bool
     text_to_image: jax.Array | None  # [N, P] fp32 query-aware attention from a shallow LLM prefill, if asked
     grid: tuple[int, int]
+    #: per-image arrays a reducer declares in ``inputs`` (``model(..., reducer_inputs=...)``), each ``[N, P]`` and
+    #: aligned with ``features`` (a slot's value is its source patch's); None when the caller gave none
+    inputs: dict[str, jax.Array] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -89,7 +92,7 @@ class ProjectorContext:
 
 
 _register(ProjectorContext, ["features", "valid", "vision_hidden", "cls_attn", "keys", "text_embeds",
-                             "text_valid", "text_to_image"], ["grid"])
+                             "text_valid", "text_to_image", "inputs"], ["grid"])
 
 
 @dataclasses.dataclass
@@ -110,12 +113,28 @@ class Reduced:
 _register(Reduced, ["tokens", "index", "valid", "merged_into"])
 
 
+#: the key of a plan's per-image ``tables`` that carries the ``reducer_inputs`` (:mod:`jaxprune.engine.reducer_inputs`)
+INPUTS_TABLE_KEY = "reducer_inputs"
+
+
+def align_inputs(inputs: dict[str, jax.Array] | None, src: jax.Array) -> dict[str, jax.Array] | None:
+    """Per-patch reducer inputs ``{name: [N, P]}`` gathered at each current slot's source patch ``src [N, K]``
+    (-1: CLS / empty slot, which gets 0) -> ``{name: [N, K]}``; None stays None."""
+    if not inputs:
+        return None
+    safe = jnp.maximum(src, 0)  # [N, K]
+    return {k: jnp.where(src >= 0, jnp.take_along_axis(v, safe, axis=1), 0.0) for k, v in inputs.items()}
+
+
 class ReducerBase:
     """Mixin for reducer specs: stage bookkeeping and budget validation."""
 
     stage: ClassVar[str] = "projector"
     vision_layer: ClassVar[int | None] = None     # vision stage: HF hidden-state index (None = feature layer)
     shallow_layers: ClassVar[int] = 0            # projector stage: decoder layers of a shallow prefill needed
+    #: names of the per-image ``reducer_inputs`` the reducer reads (``ProjectorContext.inputs``): information only
+    #: the caller has (the synthvqa oracle's ``patch_prior``); :func:`jaxprune.engine.plan` refuses a call without them
+    inputs: ClassVar[tuple[str, ...]] = ()
 
     def output_tokens(self, available: int) -> int:
         """Visual tokens per image after this reducer, given ``available`` in; validates the budget."""

@@ -41,35 +41,50 @@ Factory = Callable[[int, Any], Any]  # (budget, LlavaConfig) -> spec
 
 _FACTORIES: dict[str, Factory] = {}
 _MODEL_TYPES: dict[str, tuple[str, ...]] = {}  # name -> the only model types it applies to (absent: every one)
+_BENCHMARKS: dict[str, tuple[str, ...]] = {}   # name -> the only benchmarks that supply its inputs (absent: any)
 
 
-def register(name: str, factory: Factory | None = None, model_types: tuple[str, ...] | None = None):
+def register(name: str, factory: Factory | None = None, model_types: tuple[str, ...] | None = None,
+             benchmarks: tuple[str, ...] | None = None):
     """Add a reducer under ``name``: ``register(name, factory)``, or ``@register(name)`` on a
     ``factory(budget, cfg) -> spec`` function (returned unchanged). A later registration of the same name
     replaces the earlier one (experiments register variants at run time). ``model_types``: the only families
     the method applies to (DyCoke: ``("video_llava",)``); its factory refuses the others by name, and
-    ``names(model_type)`` leaves it out for them."""
+    ``names(model_type)`` leaves it out for them. ``benchmarks``: the only benchmarks the method runs on, because
+    it reads ``reducer_inputs`` only they supply (the synthvqa ``oracle``); :func:`names` lists it only when asked
+    for one of them."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"reducer name must be a non-empty str, got {name!r}")
     if factory is None:
         def decorator(f: Factory) -> Factory:
-            register(name, f, model_types)
+            register(name, f, model_types, benchmarks)
             return f
 
         return decorator
     if not callable(factory):
         raise TypeError(f"factory for {name!r} must be callable as factory(budget, cfg), got {factory!r}")
     _FACTORIES[name] = factory
-    if model_types is None:
-        _MODEL_TYPES.pop(name, None)
-    else:
-        _MODEL_TYPES[name] = tuple(model_types)
+    for table, value in ((_MODEL_TYPES, model_types), (_BENCHMARKS, benchmarks)):
+        if value is None:
+            table.pop(name, None)
+        else:
+            table[name] = tuple(value)
     return factory
 
 
-def names(model_type: str | None = None) -> list[str]:
-    """Every registered name; with ``model_type``, only those that apply to that family."""
-    return sorted(n for n in _FACTORIES if model_type is None or model_type in _MODEL_TYPES.get(n, (model_type,)))
+def names(model_type: str | None = None, benchmark: str | None = None) -> list[str]:
+    """The registered names that run anywhere (with ``model_type``: on that family), plus, with ``benchmark``, the
+    benchmark-only ones that benchmark supplies (:func:`benchmarks_of`)."""
+    return sorted(n for n in _FACTORIES
+                  if (model_type is None or model_type in _MODEL_TYPES.get(n, (model_type,)))
+                  and (n not in _BENCHMARKS or benchmark in _BENCHMARKS[n]))
+
+
+def benchmarks_of(name: str) -> tuple[str, ...] | None:
+    """The only benchmarks reducer ``name`` runs on (None: any; a ValueError for an unknown name)."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown reducer {name!r}; known reducers: {', '.join(sorted(_FACTORIES))}")
+    return _BENCHMARKS.get(name)
 
 
 def make(name: str, budget: int, cfg):

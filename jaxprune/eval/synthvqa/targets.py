@@ -1,0 +1,65 @@
+"""Which patches a synthvqa question is about: the ``patch_prior`` the ``oracle`` reducer reads.
+
+From the scene generator's per-patch labels (:func:`.scene.render`: a patch belongs to the object covering >= 1/4
+of it) and the question's words:
+
+* ``colour`` ("What color is the {shape}?"): the patches of that (unique) shape;
+* ``exist`` ("Is there a {colour} {shape}?"): the patches of that object when the answer is yes; none when it is no
+  (nothing in the image is the answer's evidence);
+* ``where`` ("Where is the {colour} {shape}?"): the patches of that object;
+* ``count`` ("How many {colour} objects?"): the patches of every object of that colour.
+
+The same rule as the attention targets of the training script (``experiments/synthvqa/train.py``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .dataset import make_item
+from .questions import QA, QTYPES
+from .scene import COLOUR_NAMES, GRID, SHAPES, Rendered, render
+
+_QID = re.compile(r"^(train|val|test)_(\d+)_(\d+)_(" + "|".join(QTYPES) + r")$")
+
+
+def patch_prior(qa: QA, colour_map: np.ndarray, shape_map: np.ndarray) -> np.ndarray:
+    """``[GRID * GRID]`` float32 in raster order: 1 on the patches ``qa`` asks about, 0 elsewhere (module docstring).
+    ``colour_map`` / ``shape_map``: ``[GRID, GRID]`` labels of :class:`~.scene.Rendered`."""
+    if colour_map.shape != (GRID, GRID) or shape_map.shape != (GRID, GRID):
+        raise ValueError(f"colour_map / shape_map must be [{GRID}, {GRID}], got {colour_map.shape} / "
+                         f"{shape_map.shape}")
+    if qa.qtype not in QTYPES:
+        raise ValueError(f"unknown question type {qa.qtype!r}; known: {QTYPES}")
+    words = qa.question.lower().rstrip("?").split()
+    c = next((COLOUR_NAMES.index(w) + 1 for w in words if w in COLOUR_NAMES), None)
+    s = next((SHAPES.index(w) + 1 for w in words if w in SHAPES), None)
+    if qa.qtype == "exist" and qa.answer == "no":
+        return np.zeros(GRID * GRID, np.float32)
+    m = colour_map > 0
+    if c is not None:
+        m &= colour_map == c
+    if s is not None:
+        m &= shape_map == s
+    return m.reshape(-1).astype(np.float32)
+
+
+def prior_of(qa: QA, rendered: Rendered) -> np.ndarray:
+    """:func:`patch_prior` of a question about a rendered scene."""
+    return patch_prior(qa, rendered.colour_map, rendered.shape_map)
+
+
+def prior_for_question_id(question_id: str) -> np.ndarray:
+    """:func:`patch_prior` of a benchmark question from its id alone (``{split}_{seed}_{index:06d}_{qtype}``, as
+    :func:`.export.question_id` writes it): the scene is regenerated from ``(split, seed, index)``."""
+    mt = _QID.match(str(question_id))
+    if mt is None:
+        raise ValueError(f"{question_id!r} is not a synthvqa question id ({{split}}_{{seed}}_{{index:06d}}_{{qtype}})")
+    split, seed, index, qtype = mt.group(1), int(mt.group(2)), int(mt.group(3)), mt.group(4)
+    item = make_item(split, seed, index)
+    qa = next((q for q in item.qas if q.qtype == qtype), None)
+    if qa is None:
+        raise ValueError(f"{question_id!r}: image {index} of ({split}, seed {seed}) has no {qtype} question")
+    return prior_of(qa, render(item.scene))
