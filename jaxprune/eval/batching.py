@@ -191,6 +191,11 @@ class Rows:
     errors: dict[str, str]      # key -> message for rows that failed to load
     image_sizes: np.ndarray | None = None  # [b, 2] (height, width): anyres (LLaVA-NeXT) only
     pixel_values_videos: np.ndarray | None = None  # [b, F, 3, S, S] float32: video rows (Video-LLaVA)
+    reducer_inputs: dict[str, np.ndarray] | None = None  # name -> [b, P] per-question reducer inputs (synthvqa)
+
+
+#: the ``Question.metadata`` key of per-question reducer inputs (``{name: [P] array}``; synthvqa's ``patch_prior``)
+REDUCER_INPUTS = "reducer_inputs"
 
 
 @dataclasses.dataclass
@@ -301,4 +306,19 @@ def build_rows(batch: Batch, rows: range, tokenizer: Any, image_token_index: int
         mask[j, T - len(enc):] = 1
     if video:
         return Rows(ids, mask, None, np.asarray(ok, bool), errors, None, pixel_values_videos=px)
-    return Rows(ids, mask, px, np.asarray(ok, bool), errors, images.image_sizes)
+    srcs = [batch.items[r] if ok[j] else dummy for j, r in enumerate(rows)]
+    return Rows(ids, mask, px, np.asarray(ok, bool), errors, images.image_sizes,
+                reducer_inputs=stack_reducer_inputs([it.question for it in srcs]))
+
+
+def stack_reducer_inputs(questions: Sequence[Question]) -> dict[str, np.ndarray] | None:
+    """``{name: [b, P]}`` from each question's ``metadata["reducer_inputs"]`` (a benchmark that supplies them, such
+    as synthvqa's ``patch_prior``, sets them on every question); None when no question has any."""
+    per = [q.metadata.get(REDUCER_INPUTS) for q in questions]
+    if all(p is None for p in per):
+        return None
+    if any(p is None for p in per):
+        missing = next(q.key for q, p in zip(questions, per) if p is None)
+        raise ConfigError(f"question {missing!r} has no metadata[{REDUCER_INPUTS!r}] while others of its batch do")
+    names = sorted(per[0])
+    return {n: np.stack([np.asarray(p[n], np.float32) for p in per]) for n in names}

@@ -68,6 +68,10 @@ def _epilog() -> str:
     lines += ["", "registered reducers (--reducer NAME:BUDGET, BUDGET = visual tokens per image in the papers' "
               "convention;", "'full' = the unreduced model):"]
     lines += textwrap.wrap(", ".join(registry.names()), 116, initial_indent="  ", subsequent_indent="  ")
+    only = registry.benchmark_only()
+    if only:
+        lines += textwrap.wrap("benchmark-only: " + ", ".join(f"{n} ({', '.join(b)})" for n, b in only.items()),
+                               116, initial_indent="  ", subsequent_indent="  ")
     run = builtin.DEFAULT_RUNS[builtin.DEFAULT_MODEL]
     lines += ["", "built-in models (--model NAME):",
               "  synthvqa   the default: the tiny LLaVA trained on the synthetic VQA set, shipped in",
@@ -135,10 +139,14 @@ def _config(args: argparse.Namespace):
             raise ConfigError(f"argument --reducer: {e}") from None
     from jaxprune.reducers import registry
 
-    for r in reducers:  # before anything is built for a default job
-        if not r.is_full and r.name not in registry.names():
+    for r in reducers:  # before anything is built for a default job (benchmark-only names: checked per sweep)
+        if r.is_full:
+            continue
+        try:
+            registry.benchmarks_of(r.name)
+        except ValueError:
             raise ConfigError(f"argument --reducer: unknown reducer {r.name!r}; known reducers: "
-                              f"{', '.join(registry.names())}")
+                              f"{', '.join(registry.names())}") from None
     common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, on_error=args.on_error,
                   limit=args.limit, dtype=args.dtype, tokenizer=args.tokenizer, image_mode=args.image_mode,
                   num_devices=args.num_devices, bucket=args.bucket)
@@ -274,6 +282,8 @@ def _list() -> int:
 
     print("benchmarks:", ", ".join(list_benchmarks()))
     print("reducers:  ", ", ".join(registry.names()))
+    for n, b in registry.benchmark_only().items():
+        print(f"             {n} (only on {', '.join(b)})")
     return 0
 
 

@@ -183,10 +183,17 @@ def check_names(cfg: SweepConfig) -> list[tuple[str, str]]:
         benches.append(dataclasses.replace(b, name=canon))
     cfg.benchmarks = benches
     known = registry.names()
+    names = {b.name for b in cfg.benchmarks}
     reducers = []
     for r in cfg.reducers:
-        if not r.is_full and r.name not in known:
+        only = None if r.is_full or r.name in known else _benchmark_only(registry, r.name)
+        if not r.is_full and r.name not in known and only is None:
             problems.append((f"reducer {r.label}", f"unknown reducer {r.name!r}; known reducers: {', '.join(known)}"))
+            continue
+        if only is not None and not names <= set(only):
+            problems.append((f"reducer {r.label}", f"reducer {r.name!r} runs only on benchmark {', '.join(only)} "
+                             f"(it reads per-question reducer_inputs only that benchmark supplies); this sweep has "
+                             f"{', '.join(sorted(names - set(only)))}"))
             continue
         reducers.append(r)
     cfg.reducers = reducers
@@ -279,3 +286,11 @@ def load_sweep_file(path: str | Path) -> SweepConfig:
                       tokenizer=data.get("tokenizer"), **kw)
     cfg.check_values()
     return cfg
+
+
+def _benchmark_only(registry, name: str) -> tuple[str, ...] | None:
+    """The benchmarks a registered benchmark-only reducer runs on; None for an unknown or unrestricted name."""
+    try:
+        return registry.benchmarks_of(name)
+    except ValueError:
+        return None

@@ -85,7 +85,7 @@ class Engine:
         videos = getattr(rows, "pixel_values_videos", None)  # [b, F, 3, S, S]: Video-LLaVA video rows
         reducer = self.reducer if rows.pixel_values is not None or videos is not None else None
         p = m.plan(rows.input_ids, rows.pixel_values, rows.attention_mask, getattr(rows, "image_sizes", None),
-                   reducer, pixel_values_videos=videos)
+                   reducer, pixel_values_videos=videos, reducer_inputs=getattr(rows, "reducer_inputs", None))
         to = lambda x: dist.to_global(np.asarray(x), self.mesh, global_rows)
         rows_arrays = {k: to(v) for k, v in p.arrays.items() if k in ("input_ids", "valid", "positions")}
         per_image = {k: v for k, v in p.arrays.items() if k not in rows_arrays}

@@ -134,6 +134,18 @@ def make_reducer(spec: ReducerSpec, cfg: Any) -> Any:
         raise ItemError(f"reducer {spec.label}: {e}") from None
 
 
+def check_reducer_benchmark(spec: ReducerSpec, bench_name: str) -> None:
+    """Refuse a benchmark-only reducer (the synthvqa ``oracle``) on another benchmark, by name."""
+    if spec.is_full:
+        return
+    from jaxprune.reducers import registry
+
+    only = registry.benchmarks_of(spec.name)
+    if only is not None and bench_name not in only:
+        raise ItemError(f"reducer {spec.label} runs only on benchmark {', '.join(only)} (it reads per-question "
+                        f"reducer_inputs only that benchmark supplies), not on {bench_name}")
+
+
 def decode_answer(tokenizer: Any, ids: np.ndarray, eos_ids: Sequence[int]) -> str:
     """Tokens up to the first EOS, decoded with ``skip_special_tokens`` and stripped (LLaVA's eval scripts)."""
     ids = [int(t) for t in ids]
@@ -191,6 +203,7 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
     cfg = ctx.model.cfg
     video.check_questions(questions, ctx.img_cfg, cfg.model_type, bench.name)
     P = max_image_tokens(ctx)
+    check_reducer_benchmark(spec, bench.name)
     reducer = make_reducer(spec, cfg)
     protocol = next((q.metadata["protocol"] for q in questions if "protocol" in q.metadata), "llava")
     max_new = opts.max_new_tokens or default_max_new_tokens(bench.name, protocol)

@@ -80,6 +80,11 @@ def names(model_type: str | None = None, benchmark: str | None = None) -> list[s
                   and (n not in _BENCHMARKS or benchmark in _BENCHMARKS[n]))
 
 
+def benchmark_only() -> dict[str, tuple[str, ...]]:
+    """Every benchmark-only reducer name -> the benchmarks it runs on (left out of :func:`names` by default)."""
+    return {n: _BENCHMARKS[n] for n in sorted(_BENCHMARKS) if n in _FACTORIES}
+
+
 def benchmarks_of(name: str) -> tuple[str, ...] | None:
     """The only benchmarks reducer ``name`` runs on (None: any; a ValueError for an unknown name)."""
     if name not in _FACTORIES:

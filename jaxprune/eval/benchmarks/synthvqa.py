@@ -12,6 +12,10 @@ guess over each type's answer set, :data:`jaxprune.eval.synthvqa.questions.CHANC
 question mix of the scored questions), plus the stronger blind baseline ``majority`` / ``majority_per_type``: always
 answering the most frequent ground-truth answer of each type in the scored set (counts are not uniform: "two" is
 about half of the count answers).
+
+Each question whose id names its generated scene also carries ``metadata["reducer_inputs"]["patch_prior"]`` (the
+asked object's patches, :mod:`jaxprune.eval.synthvqa.targets`): the input of the ``oracle`` reducer, which runs on
+this benchmark only.
 """
 
 from __future__ import annotations
@@ -63,6 +67,19 @@ def _files(root: Path, split: str | None, question_file, answers_file) -> tuple[
     return qf, af
 
 
+def _attach_priors(questions: list[Question]) -> None:
+    """``metadata["reducer_inputs"] = {"patch_prior": [144]}`` on every question whose id names its scene (the
+    ``oracle`` reducer's input: the asked object's patches, regenerated from ``(split, seed, index)``); questions
+    of hand-written files get none (the oracle then refuses them by name)."""
+    from jaxprune.eval.synthvqa.targets import prior_for_question_id
+
+    for q in questions:
+        try:
+            q.metadata["reducer_inputs"] = {"patch_prior": prior_for_question_id(q.key)}
+        except ValueError:
+            continue
+
+
 class SynthVQA(BenchmarkBase):
     """The synthetic VQA test set (our trained tiny LLaVA's benchmark)."""
 
@@ -88,6 +105,7 @@ class SynthVQA(BenchmarkBase):
             for q in qs:
                 if q.key in gt:
                     q.answers = [gt[q.key]]
+        _attach_priors(qs)
         return qs
 
     def score(self, questions: Sequence[Question], answers: Mapping[Any, str], *, strict: bool = False,

@@ -14,6 +14,7 @@ The same rule as the attention targets of the training script (``experiments/syn
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -58,8 +59,15 @@ def prior_for_question_id(question_id: str) -> np.ndarray:
     if mt is None:
         raise ValueError(f"{question_id!r} is not a synthvqa question id ({{split}}_{{seed}}_{{index:06d}}_{{qtype}})")
     split, seed, index, qtype = mt.group(1), int(mt.group(2)), int(mt.group(3)), mt.group(4)
-    item = make_item(split, seed, index)
-    qa = next((q for q in item.qas if q.qtype == qtype), None)
-    if qa is None:
+    priors = _image_priors(split, seed, index)
+    if qtype not in priors:
         raise ValueError(f"{question_id!r}: image {index} of ({split}, seed {seed}) has no {qtype} question")
-    return prior_of(qa, render(item.scene))
+    return priors[qtype].copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _image_priors(split: str, seed: int, index: int) -> dict[str, np.ndarray]:
+    """qtype -> prior for every question of one generated image (one render for its questions)."""
+    item = make_item(split, seed, index)
+    rd = render(item.scene)
+    return {qa.qtype: prior_of(qa, rd) for qa in item.qas}
