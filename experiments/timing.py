@@ -506,7 +506,8 @@ def fmt_ms(x: float | None, digits: int = 1, na: str = "n/a") -> str:
 
 
 def fmt_fit(fit: Fit, digits: int = 2) -> str:
-    """``9.12 ms/tok (+310.2 ms, rms 1.3 ms)`` or ``refused: ...``."""
+    """``9.12 (+310.2, rms 1.30)``: ms/token, the fit's intercept in ms with its sign (a fitted parameter: noise can
+    put it a little below zero; never quoted as a time), residual rms in ms; or ``refused (...)``."""
     if not fit.ok:
         return f"refused ({fit.problem.split(':')[0]})"
-    return (f"{fit.slope * 1e3:.{digits}f} (+{fit.intercept * 1e3:.1f}, rms {fit.residual_rms * 1e3:.2f})")
+    return (f"{fit.slope * 1e3:.{digits}f} ({fit.intercept * 1e3:+.1f}, rms {fit.residual_rms * 1e3:.2f})")

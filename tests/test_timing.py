@@ -211,3 +211,11 @@ def test_header_lines_name_machine_flags_and_load():
 def test_shorten_notes_keeps_the_command_readable():
     assert T.shorten_notes(["--out", "x", "--note", "a long paragraph", "--repeats", "3"]) == [
         "--out", "x", "--note", '"..."', "--repeats", "3"]
+
+
+def test_fmt_fit_prints_the_intercept_with_its_sign():
+    up = T.fit_decode({4: [0.050, 0.051], 8: [0.090, 0.091]})       # 10 ms/token, +10 ms
+    assert T.fmt_fit(up).startswith("10.00 (+10.5")
+    down = T.fit_decode({4: [0.036, 0.036], 8: [0.076, 0.076]})      # 10 ms/token, -4 ms: noise-level fit
+    assert T.fmt_fit(down).startswith("10.00 (-4.0") and "+-" not in T.fmt_fit(down)
+    assert T.fmt_fit(T.fit_decode({4: [0.05], 8: [0.04]})).startswith("refused (non-positive slope")
