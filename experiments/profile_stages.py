@@ -15,7 +15,9 @@ Stages (both sides in this process, timed in the same ABBA rounds by :mod:`exper
 Each jaxprune stage is measured twice: with the current CPU attention (``attention_cpu``'s default schedule)
 and with the one-pass schedule every sequence used before issue 19 (``schedule="dense"``, forced by raising
 ``CPU_BLOCKED_MIN_T``). ``--attention`` adds the attention alone at the decoder's shape: each schedule vs
-PyTorch's SDPA with HF's explicit mask and with ``is_causal``.
+PyTorch's SDPA with an explicit causal bool mask (what HF passes for a padded batch) and with ``is_causal=True``
+(what HF passes for an unpadded batch -- batch 1 -- through ``masking_utils``' ``_ignore_causal_mask_sdpa``: the
+fused causal kernel, the one the ``whole prefill`` / ``decoder`` rows of transformers run here).
 
     python -m experiments.profile_stages [--configs forward standin-llava15 standin-next] [--batches 1]
         [--repeats 5] [--out stages_cpu] [--wait-quiet MIN]
@@ -157,8 +159,8 @@ def attention_fns(cfg, B: int, T_: int, T_torch: int) -> dict:
     tk = torch.randn(B, t.num_key_value_heads, T_torch, t.head_dim)
     tm = torch.ones(B, 1, T_torch, T_torch, dtype=torch.bool).tril()
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    fns[("attention", "torch sdpa, bool mask (HF)")] = lambda: sdpa(tq, tk, tk, attn_mask=tm)
-    fns[("attention", "torch sdpa, is_causal")] = lambda: sdpa(tq, tk, tk, is_causal=True)
+    fns[("attention", "torch sdpa, bool mask (HF, padded batch)")] = lambda: sdpa(tq, tk, tk, attn_mask=tm)
+    fns[("attention", "torch sdpa, is_causal (HF, unpadded batch)")] = lambda: sdpa(tq, tk, tk, is_causal=True)
     return fns
 
 
