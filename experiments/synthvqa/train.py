@@ -21,6 +21,17 @@ Training design (what was tried and why is in ``experiments/results/synthvqa_tra
    "What color is the circle" needs the shapes present, a one-hop retrieval that bootstraps the two-hop
    circuits the answers need); the auxiliary tower loss is kept at ``aux_weight`` so features stay local.
 
+Issue #16 recipe options (all off by default, so the command above still trains the shipped v9 recipe):
+
+3. ``--scene-style large``: objects of 3x3 / 4x4 patches on a textured background (spatial redundancy);
+4. ``--caption-steps N``: caption alignment after the tower stage (LLaVA stage 1, :mod:`.captions`): image ->
+   "a red circle in the top left . ..." with only ``--caption-train`` groups moving (default the projector);
+5. ``--aug-prob p``: training-time visual-token reduction (:mod:`.augment`): random subsets down to
+   ``--aug-min-keep`` tokens, dropped (renumbered or kept positions) or merged into their nearest kept patch;
+   ``--val-reduced k`` also logs teacher-forced validation with every row reduced to ``k`` random tokens.
+
+Training runs with the one-pass CPU attention schedule (:func:`differentiable_cpu_attention`).
+
 The heads are training-only and not exported. The export is the HF LLaVA-1.5 layout (``legacy`` keys) with
 a ``tokenizer.json``; :func:`jaxprune.checkpoints.convert` loads it back like any checkpoint.
 """
@@ -28,7 +39,9 @@ a ``tokenizer.json``; :func:`jaxprune.checkpoints.convert` loads it back like an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -43,6 +56,8 @@ import jaxprune as jp
 from jaxprune.eval.synthvqa.dataset import make_items, render_items
 from jaxprune.eval.synthvqa.questions import QTYPES, vocabulary
 from jaxprune.eval.synthvqa.scene import COLOUR_NAMES, SHAPES
+from experiments.synthvqa.augment import ReductionAug, augment_batch, mix_tokens, random_keep, reduce_rows
+from experiments.synthvqa.captions import caption_loss, caption_pool
 from experiments.train.batches import collate, encode
 from experiments.train.loss import llava_logits, sequence_hits, token_xent, vision_hidden
 from jaxprune.eval.wordtok import save_word_tokenizer, word_tokenizer
@@ -104,6 +119,22 @@ class TrainConfig:
     #: CLIP frozen); False = end to end with the auxiliary loss kept at ``aux_weight``.
     freeze_tower: bool = True
     n_val_images: int = 128
+    # ---- issue #16 recipe options (defaults = the shipped v9 recipe) -----------------------------------------
+    #: scene style of the training / validation images (:data:`jaxprune.eval.synthvqa.scene.STYLES`)
+    scene_style: str = "grid"
+    #: caption alignment (LLaVA stage 1) after the tower stage: steps, lr, batch, trained groups (comma-separated
+    #: of ``projector``, ``language``, ``lm_head``); needs ``freeze_tower``
+    caption_steps: int = 0
+    caption_lr: float = 2e-3
+    caption_batch: int = 32
+    caption_train: str = "projector"
+    #: training-time visual-token reduction (:mod:`experiments.synthvqa.augment`); aug_prob=0: off
+    aug_prob: float = 0.0
+    aug_min_keep: int = 8
+    aug_merge: float = 0.3
+    aug_keep_positions: float = 0.3
+    #: also report teacher-forced validation with every row reduced to this many random tokens (0: off)
+    val_reduced: int = 0
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -136,10 +167,11 @@ class Pool:
 
 
 def build_pool(split: str, seed: int, n_images: int, tok, length: int | None = None,
-               multi_turn: bool = False, objects: tuple[int, int] = (3, 5)) -> Pool:
+               multi_turn: bool = False, objects: tuple[int, int] = (3, 5), style: str = "grid") -> Pool:
     """Rendered images + encoded questions. ``multi_turn``: one conversation per image holding all its
-    questions in a random order (the first turn is exactly the evaluation prompt); else one row per question."""
-    items = make_items(split, seed, n_images, objects=objects)
+    questions in a random order (the first turn is exactly the evaluation prompt); else one row per question.
+    ``style``: the scene style (:data:`jaxprune.eval.synthvqa.scene.STYLES`)."""
+    items = make_items(split, seed, n_images, objects=objects, style=style)
     rs = render_items(items)
     n = len(items)
     pairs = np.zeros((n, len(COLOUR_NAMES) * len(SHAPES)), np.float32)
@@ -293,7 +325,10 @@ def make_steps(graphdef, cfg: TrainConfig, tower_opt, opt):
 
     def frozen_loss(train, vision, batch):
         m = nnx.merge(graphdef, dict(train, vision=vision))
-        emb = m.merge(batch["ids"], m.projector(batch["feats"]))
+        vis = m.projector(batch["feats"])  # [B, P, H]
+        if "mix" in batch:  # training-time reduction: merged tokens (dropped slots are invalid in batch["valid"])
+            vis = mix_tokens(batch["mix"], vis)
+        emb = m.merge(batch["ids"], vis)
         la_, pos, val = cfg.attn_layer, batch["positions"], batch["valid"]
         h, _, (q0, k0) = gen.decoder_prefill(m, emb, pos, val, range(la_), 0, return_qk=True)
         h, _, (q, k) = gen.decoder_prefill(m, h, pos, val, range(la_, la_ + 1), 0, return_qk=True)
@@ -322,6 +357,40 @@ def make_steps(graphdef, cfg: TrainConfig, tower_opt, opt):
 
     return (jax.jit(tower_step, donate_argnums=(0, 1, 2)), jax.jit(full_step, donate_argnums=(0, 1, 2)),
             jax.jit(frozen_step, donate_argnums=(0, 2)), jax.jit(evaluate))
+
+
+def evaluate_features(graphdef, params: dict, batch: dict) -> jax.Array:
+    """``[B]`` teacher-forced exact match on frozen-tower features with an (optional) reduction: ``feats``,
+    ``mix``, ``ids``, ``valid``, ``positions``, ``labels``."""
+    m = nnx.merge(graphdef, params)
+    vis = mix_tokens(batch["mix"], m.projector(batch["feats"])) if "mix" in batch else m.projector(batch["feats"])
+    logits = gen.full_logits(m, m.merge(batch["ids"], vis), batch["positions"], batch["valid"])
+    return sequence_hits(logits, batch["labels"])
+
+
+def make_caption_step(graphdef, groups: tuple[str, ...], opt):
+    """Jitted caption step: only the parameter groups ``groups`` move (LLaVA stage 1: ``("projector",)``)."""
+    def loss_fn(train, frozen, batch):
+        m = nnx.merge(graphdef, {**frozen, **train})
+        loss, acc = caption_loss(m, batch["feats"], batch["ids"], batch["labels"], batch["valid"])
+        return loss, acc
+
+    def step(train, frozen, state, batch):
+        (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(train, frozen, batch)
+        upd, state = opt.update(g, state, train)
+        return optax.apply_updates(train, upd), state, {"caption_loss": loss, "caption_token_acc": acc}
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+def parse_groups(spec: str) -> tuple[str, ...]:
+    """``"projector,language"`` -> ``("projector", "language")``; groups of the LLaVA parameter tree."""
+    known = ("projector", "language", "lm_head")
+    out = tuple(dict.fromkeys(g.strip() for g in spec.split(",") if g.strip()))
+    bad = [g for g in out if g not in known]
+    if not out or bad:
+        raise ValueError(f"caption_train={spec!r}: expected comma-separated groups of {known}")
+    return out
 
 
 def attention_target_loss(q: jax.Array, k: jax.Array, valid: jax.Array, arow: jax.Array,
@@ -359,16 +428,40 @@ def _to_plain(state) -> dict:
     return nnx.to_pure_dict(state)
 
 
+@contextlib.contextmanager
+def differentiable_cpu_attention():
+    """The one-pass CPU attention schedule for the whole run: the causal flash schedule that CPU prefills of
+    >= ``CPU_BLOCKED_MIN_T`` tokens take since issue #19 loops with dynamic bounds, which reverse-mode autodiff
+    refuses (our training rows are 272+ tokens). Results are the same; only the XLA:CPU schedule differs."""
+    from jaxprune.models import attention as attn
+
+    old = attn.CPU_BLOCKED_MIN_T
+    attn.CPU_BLOCKED_MIN_T = 1 << 30
+    try:
+        yield
+    finally:
+        attn.CPU_BLOCKED_MIN_T = old
+
+
 def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = None) -> tuple[jp.Llava, list[dict]]:
+    """Run every stage of ``cfg`` (module docstring); export to ``out`` and log to ``log_path`` when given."""
+    with differentiable_cpu_attention():
+        return _train(cfg, out, log_path)
+
+
+def _train(cfg: TrainConfig, out: Path | None, log_path: Path | None) -> tuple[jp.Llava, list[dict]]:
     tok = tokenizer()
     t0 = time.time()
-    pool = build_pool("train", cfg.seed, cfg.n_train_images, tok, multi_turn=cfg.multi_turn)
+    if (cfg.caption_steps or cfg.aug_prob or cfg.val_reduced) and not cfg.freeze_tower:
+        raise ValueError("caption_steps / aug_prob / val_reduced run on frozen-tower features: set freeze_tower")
+    aug = ReductionAug(cfg.aug_prob, cfg.aug_min_keep, cfg.aug_merge, cfg.aug_keep_positions)
+    pool = build_pool("train", cfg.seed, cfg.n_train_images, tok, multi_turn=cfg.multi_turn, style=cfg.scene_style)
     phases = parse_curriculum(cfg.curriculum)
     if sum(n for _, n in phases) >= cfg.steps:
         raise ValueError(f"curriculum {cfg.curriculum!r} uses all {cfg.steps} steps")
     cur_pools = [build_pool("train", cfg.seed, min(cfg.n_train_images, n * cfg.batch), tok, length=pool.ids.shape[1],
-                            multi_turn=cfg.multi_turn, objects=o) for o, n in phases]
-    val = build_pool("val", cfg.seed, cfg.n_val_images, tok)
+                            multi_turn=cfg.multi_turn, objects=o, style=cfg.scene_style) for o, n in phases]
+    val = build_pool("val", cfg.seed, cfg.n_val_images, tok, style=cfg.scene_style)
     log = [{"event": "data", "seconds": round(time.time() - t0, 1), "train_images": len(pool.images),
             "train_questions": len(pool.ids), "seq_len": int(pool.ids.shape[1])}]
     print(log[-1], flush=True)
@@ -396,14 +489,24 @@ def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = Non
     del tstate
     if cfg.freeze_tower:
         vision = params["vision"]
-        train_p = {k: v for k, v in params.items() if k != "vision"}
-        for p_ in [pool] + cur_pools:
+        for p_ in [pool] + cur_pools + ([val] if cfg.val_reduced else []):
             p_.feats = tower_features(graphdef, params, p_.images)
+        if cfg.caption_steps:
+            params = caption_stage(cfg, graphdef, params, pool, tok, log, log_path)
+        train_p = {k: v for k, v in params.items() if k != "vision"}
         state = opt.init(train_p)
     else:
         state = opt.init((params, heads))
     vb = batch_of(val, np.arange(len(val.ids)))
     vb = {k: vb[k] for k in ("pixels", "ids", "labels", "valid", "positions")}
+    vr = None
+    if cfg.val_reduced:  # a fixed random keep-k reduction of every validation row (same draw at every eval)
+        red = random_keep(np.random.default_rng([cfg.seed, 7]), len(val.ids), _G, cfg.val_reduced)
+        v2, p2 = reduce_rows(red, val.ids, val.valid, MODEL_CFG.image_token_index)
+        vr = {"feats": val.feats[val.q_image], "mix": red.mix, "ids": val.ids, "valid": v2, "positions": p2,
+              "labels": val.labels}
+        eval_red = jax.jit(functools.partial(evaluate_features, graphdef))
+    aug_rng = np.random.default_rng([cfg.seed, 11])
     t2 = time.time()
     bounds = np.cumsum([n for _, n in phases])
     for step in range(cfg.steps):
@@ -414,6 +517,8 @@ def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = Non
             b = {k: b[k] for k in ("ids", "labels", "qlabels", "valid", "positions")} | {
                 "feats": src.feats[src.q_image[b["rows"]]], "arow": src.arow[b["rows"]],
                 "atarget": src.atarget[b["rows"]], "wtarget": src.wtarget[b["rows"]]}
+            if aug.prob > 0:
+                b = augment_batch(aug_rng, b, aug, _G, MODEL_CFG.image_token_index)
             train_p, state, met = frozen_step(train_p, vision, state, b)
             params = dict(train_p, vision=vision)
         else:
@@ -422,6 +527,11 @@ def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = Non
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             hits = np.asarray(evaluate(params, vb))
             per = {f"val_{q}": round(float(hits[val.q_type == i].mean()), 3) for i, q in enumerate(QTYPES)}
+            if vr is not None:
+                rh = np.asarray(eval_red(params, vr))
+                per |= {f"val_random{cfg.val_reduced}": round(float(rh.mean()), 4)} | {
+                    f"val_random{cfg.val_reduced}_{q}": round(float(rh[val.q_type == i].mean()), 3)
+                    for i, q in enumerate(QTYPES)}
             log.append({"stage": "llava", "step": step + 1, "seconds": round(time.time() - t2, 1),
                         **{k: round(float(v), 4) for k, v in met.items()},
                         "val_exact": round(float(hits.mean()), 4), **per})
@@ -435,6 +545,35 @@ def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = Non
     if log_path is not None:
         log_path.write_text(json.dumps(log, indent=1))
     return trained, log
+
+
+def caption_stage(cfg: TrainConfig, graphdef, params: dict, pool: Pool, tok, log: list, log_path: Path | None
+                  ) -> dict:
+    """LLaVA stage 1 on the training images' captions (:mod:`experiments.synthvqa.captions`): ``caption_steps``
+    steps moving only ``caption_train``'s groups; returns the updated parameters."""
+    from jaxprune.eval.synthvqa.dataset import make_items as _items
+
+    groups = parse_groups(cfg.caption_train)
+    scenes = [it.scene for it in _items("train", cfg.seed, len(pool.images), style=cfg.scene_style)]
+    ids, labels, valid = caption_pool(scenes, tok, MODEL_CFG.image_token_index, N_VISUAL)
+    opt = _optimizer(cfg.caption_lr, cfg.caption_steps, min(cfg.warmup, cfg.caption_steps // 4), cfg.weight_decay)
+    train_p = {g: params[g] for g in groups}
+    frozen = {k: v for k, v in params.items() if k not in groups}
+    state = opt.init(train_p)
+    step_fn = make_caption_step(graphdef, groups, opt)
+    rng = np.random.default_rng([cfg.seed, 5])
+    t0 = time.time()
+    for step in range(cfg.caption_steps):
+        i = rng.integers(0, len(ids), cfg.caption_batch)
+        b = {"feats": pool.feats[i], "ids": ids[i], "labels": labels[i], "valid": valid[i]}
+        train_p, state, met = step_fn(train_p, frozen, state, b)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.caption_steps:
+            log.append({"stage": "caption", "step": step + 1, "seconds": round(time.time() - t0, 1),
+                        **{k: round(float(v), 4) for k, v in met.items()}})
+            print(log[-1], flush=True)
+            if log_path is not None:
+                log_path.write_text(json.dumps(log, indent=1))
+    return {**frozen, **train_p}
 
 
 def _load_init(path: str) -> jp.Llava:

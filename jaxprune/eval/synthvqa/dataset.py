@@ -32,21 +32,34 @@ def _rng(split: str, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_CODES[split], index])
 
 
+#: random-stream code of each non-default scene style (``"grid"`` keeps the original streams)
+STYLE_CODES: dict[str, int] = {"large": 1}
+
+
 def make_item(split: str, seed: int, index: int, qtypes: tuple[str, ...] = QTYPES,
-              objects: tuple[int, int] = (3, 5)) -> Item:
+              objects: tuple[int, int] = (3, 5), style: str = "grid") -> Item:
     """Image ``index`` of a split with its questions. ``objects`` = (min, max) objects per image: the
     benchmark uses the default (3, 5); training curricula may draw easier scenes (another random stream:
-    the id then says ``_o{min}{max}``)."""
-    rng = _rng(split, seed, index) if objects == (3, 5) else np.random.default_rng(
-        [seed, SPLIT_CODES[split], index, 100 * objects[0] + objects[1]])
-    scene = sample_scene(rng, *objects)
-    tag = "" if objects == (3, 5) else f"_o{objects[0]}{objects[1]}"
+    the id then says ``_o{min}{max}``). ``style``: a scene style of :data:`~.scene.STYLES`; ``"large"`` draws
+    from its own stream (the id then ends in ``_large``), the default ``"grid"`` from the original one."""
+    if style != "grid":
+        if style not in STYLE_CODES:
+            raise ValueError(f"unknown scene style {style!r}; known: {('grid', *STYLE_CODES)}")
+        _rng(split, seed, index)  # validates split / seed / index
+        rng = np.random.default_rng([seed, SPLIT_CODES[split], index, 100 * objects[0] + objects[1],
+                                     STYLE_CODES[style]])
+    else:
+        rng = _rng(split, seed, index) if objects == (3, 5) else np.random.default_rng(
+            [seed, SPLIT_CODES[split], index, 100 * objects[0] + objects[1]])
+    scene = sample_scene(rng, *objects, style=style)
+    tag = ("" if objects == (3, 5) else f"_o{objects[0]}{objects[1]}") + ("" if style == "grid" else f"_{style}")
     return Item(f"{split}_{seed}_{index:06d}{tag}", scene, tuple(questions_for(scene, rng, qtypes)))
 
 
 def make_items(split: str, seed: int, n_images: int, start: int = 0,
-               qtypes: tuple[str, ...] = QTYPES, objects: tuple[int, int] = (3, 5)) -> list[Item]:
-    return [make_item(split, seed, i, qtypes, objects) for i in range(start, start + n_images)]
+               qtypes: tuple[str, ...] = QTYPES, objects: tuple[int, int] = (3, 5), style: str = "grid") -> list[Item]:
+    """Images ``start .. start + n_images - 1`` of a split (:func:`make_item`)."""
+    return [make_item(split, seed, i, qtypes, objects, style) for i in range(start, start + n_images)]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@ The image is ``IMAGE_SIZE`` px square and meant for a ViT with ``PATCH`` px patc
   ``experiments/results/synthvqa_training.md``.)
 * Colours: :data:`COLOURS` (saturated); shapes: :data:`SHAPES`. The clutter is grey only (random
   rectangles, lines and pixel noise of random grey levels), so it never carries a colour answer.
+* Option ``style="large"`` (:data:`STYLES`; training recipe of issue #16, not the benchmark's default): objects of
+  3x3 / 4x4 patches on a textured grey background -- the spatial redundancy of real photos (many patches per object,
+  look-alike background patches).
 * Every render also returns per-patch labels (colour, shape, object-centre flag) -- the auxiliary
   targets the training script uses for the vision tower -- and the set of (colour, shape) pairs present.
 
@@ -51,10 +54,18 @@ class Obj:
     size: int       # px across
 
 
+#: scene styles: ``"grid"`` (the benchmark's and the shipped model's: 2x2-patch objects on grey clutter) and
+#: ``"large"`` (spatial redundancy as in photos: 3x3 / 4x4-patch objects on a textured grey background).
+STYLES: tuple[str, ...] = ("grid", "large")
+#: object sizes (px) of the ``"large"`` style: 3x3 and 4x4 patches (9-16 patches per object).
+LARGE_SIZES: tuple[int, ...] = (3 * PATCH, 4 * PATCH)
+
+
 @dataclass(frozen=True)
 class Scene:
     objects: tuple[Obj, ...]
     clutter_seed: int
+    style: str = "grid"
 
     def count(self, colour: str) -> int:
         return sum(o.colour == colour for o in self.objects)
@@ -74,9 +85,17 @@ class Rendered:
     centre_map: np.ndarray   # [GRID, GRID] bool: patch holding an object's centre pixel
 
 
-def sample_scene(rng: np.random.Generator, min_objects: int = 3, max_objects: int = 5) -> Scene:
+def sample_scene(rng: np.random.Generator, min_objects: int = 3, max_objects: int = 5, style: str = "grid") -> Scene:
     """3-5 objects in distinct cells. Colours repeat on purpose (so "how many" has answers 1-3) and some
-    shapes repeat (so "what colour is the X" is only asked where X is unique -- see :mod:`.questions`)."""
+    shapes repeat (so "what colour is the X" is only asked where X is unique -- see :mod:`.questions`).
+
+    ``style="large"``: each object is 24 or 32 px (3x3 or 4x4 patches, aligned to the patch grid, at any patch
+    offset that keeps it inside its cell) and :func:`render` draws a textured background; ``"grid"`` (default)
+    draws exactly what it always drew from the same generator state."""
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; known: {STYLES}")
+    if style == "large":
+        return _sample_large(rng, min_objects, max_objects)
     n = int(rng.integers(min_objects, max_objects + 1))
     cells = rng.choice(9, size=n, replace=False)
     # A small palette per image: 2..n colours, so a colour is often used 2-3 times.
@@ -89,6 +108,41 @@ def sample_scene(rng: np.random.Generator, min_objects: int = 3, max_objects: in
         objs.append(Obj(COLOUR_NAMES[int(rng.choice(palette))], SHAPES[int(rng.integers(len(SHAPES)))],
                         c, cx, cy, size))
     return Scene(tuple(objs), int(rng.integers(2 ** 31)))
+
+
+def _sample_large(rng: np.random.Generator, min_objects: int, max_objects: int) -> Scene:
+    n = int(rng.integers(min_objects, max_objects + 1))
+    cells = rng.choice(9, size=n, replace=False)
+    palette = rng.choice(len(COLOUR_NAMES), size=int(rng.integers(min(2, n), n + 1)), replace=False)
+    objs = []
+    for c in sorted(int(x) for x in cells):
+        size = LARGE_SIZES[int(rng.integers(len(LARGE_SIZES)))]
+        slack = (CELL - size) // PATCH  # patch offsets that keep the object inside its cell
+        cx = (c % 3) * CELL + PATCH * int(rng.integers(0, slack + 1)) + size // 2
+        cy = (c // 3) * CELL + PATCH * int(rng.integers(0, slack + 1)) + size // 2
+        objs.append(Obj(COLOUR_NAMES[int(rng.choice(palette))], SHAPES[int(rng.integers(len(SHAPES)))],
+                        c, cx, cy, size))
+    return Scene(tuple(objs), int(rng.integers(2 ** 31)), "large")
+
+
+def _texture(rng: np.random.Generator) -> PIL.Image.Image:
+    """A grey textured background (never a colour answer): one periodic pattern over the image (stripes at a
+    random angle or a checkerboard, random period and contrast) + a smooth shading gradient + pixel noise, so
+    neighbouring background patches look alike, as the background of a photo does."""
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+    base = float(rng.uniform(90, 170))
+    period = float(rng.uniform(5, 14))
+    amp = float(rng.uniform(12, 35))
+    if rng.random() < 0.5:
+        theta = float(rng.uniform(0, np.pi))
+        pattern = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
+    else:
+        pattern = np.sign(np.sin(np.pi * xx / period) * np.sin(np.pi * yy / period))
+    gx, gy = rng.uniform(-0.4, 0.4, 2)
+    g = base + amp * pattern + gx * (xx - IMAGE_SIZE / 2) + gy * (yy - IMAGE_SIZE / 2)
+    g = g + rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE))
+    g = np.clip(np.round(g), 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(np.repeat(g[:, :, None], 3, axis=2), "RGB")
 
 
 def _draw_shape(draw: PIL.ImageDraw.ImageDraw, o: Obj, fill) -> None:
@@ -128,7 +182,8 @@ def _clutter(rng: np.random.Generator) -> PIL.Image.Image:
 def render(scene: Scene) -> Rendered:
     """Draw ``scene`` (clutter from ``scene.clutter_seed``) and label every patch with the object covering
     most of it (>= 1/4 of its pixels), else background."""
-    img = _clutter(np.random.default_rng(scene.clutter_seed))
+    bg = _texture if scene.style == "large" else _clutter
+    img = bg(np.random.default_rng(scene.clutter_seed))
     draw = PIL.ImageDraw.Draw(img)
     owner = np.full((IMAGE_SIZE, IMAGE_SIZE), -1, np.int16)
     for i, o in enumerate(scene.objects):

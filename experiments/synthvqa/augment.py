@@ -1,0 +1,169 @@
+"""Training-time visual-token reduction: random subsets of the image's tokens, dropped or merged, so the decoder of
+the synthetic-VQA LLaVA learns to read content rather than the layout of a fixed 144-token span (issue #16).
+
+Per training row, with probability ``prob``, a keep count ``k`` is drawn log-uniformly in ``[min_keep, P]`` and a
+uniformly random set of ``k`` patches is kept. The row is then reduced in one of three ways (drawn per row):
+
+* **drop, renumbered positions** (what every pre-LLM reducer gives the LLM: a shorter sequence);
+* **drop, kept positions** (``keep_positions_prob``: the kept tokens keep their original position ids, as FastV);
+* **merge** (``merge_prob``, renumbered): every dropped patch is averaged into its nearest kept patch on the grid
+  (Chebyshev distance, ties to the lower index), each kept slot holding the mean of its group (the merged tokens of
+  ToMe / VisionZip's contextual tokens / PruMerge).
+
+Everything stays static-shape: the sequence keeps its ``P`` image slots, dropped slots are marked invalid (out of
+attention; no loss on them) and the positions are recomputed on the host; merging is one ``[P, P]`` row-stochastic
+matrix per row applied to the projected tokens on the device (:func:`mix_tokens`). Answers whose evidence is gone
+(every patch the question is about was dropped, not merged) get no answer loss: the model is not taught to answer
+questions it cannot see. The choice of patches never looks at the question (uniformly random): the augmentation
+has no reducer's signal in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ReductionAug:
+    """How often and how hard training rows are reduced (``prob=0``: never, the original recipe)."""
+
+    prob: float = 0.0
+    min_keep: int = 8
+    merge_prob: float = 0.3
+    keep_positions_prob: float = 0.3
+
+    def __post_init__(self):
+        for name in ("prob", "merge_prob", "keep_positions_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"ReductionAug.{name}={v} must be in [0, 1]")
+        if self.merge_prob + self.keep_positions_prob > 1.0:
+            raise ValueError("ReductionAug: merge_prob + keep_positions_prob must be <= 1")
+        if self.min_keep < 1:
+            raise ValueError(f"ReductionAug.min_keep={self.min_keep} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowReduction:
+    """The sampled reduction of a batch (host arrays)."""
+
+    keep: np.ndarray      # [B, P] bool: image slots that stay valid
+    mix: np.ndarray       # [B, P, P] float32: slot p's token = sum_q mix[p, q] * token_q (identity when no merge)
+    renumber: np.ndarray  # [B] bool: positions renumbered over the valid tokens (else the original ones)
+    n_keep: np.ndarray    # [B] int32: kept image slots (P: row not reduced)
+
+
+def random_keep(rng: np.random.Generator, n_rows: int, grid: int, k: int) -> RowReduction:
+    """Every row keeps ``k`` uniformly random patches, dropped and renumbered (the ``random`` reducer's
+    condition; validation of robustness during training)."""
+    P = grid * grid
+    if not 1 <= k <= P:
+        raise ValueError(f"k={k} must be in [1, {P}]")
+    keep = np.zeros((n_rows, P), bool)
+    for b in range(n_rows):
+        keep[b, rng.choice(P, k, replace=False)] = True
+    mix = np.broadcast_to(np.eye(P, dtype=np.float32), (n_rows, P, P)).copy()
+    return RowReduction(keep, mix, np.ones(n_rows, bool), np.full(n_rows, k, np.int32))
+
+
+def _chebyshev(grid: int) -> np.ndarray:
+    yx = np.stack(np.divmod(np.arange(grid * grid), grid), 1)  # [P, 2]
+    return np.abs(yx[:, None, :] - yx[None, :, :]).max(-1)  # [P, P]
+
+
+def sample_reduction(rng: np.random.Generator, n_rows: int, grid: int, aug: ReductionAug) -> RowReduction:
+    """Draw the reduction of ``n_rows`` rows of a ``grid x grid`` image (module docstring)."""
+    P = grid * grid
+    if aug.min_keep > P:
+        raise ValueError(f"ReductionAug.min_keep={aug.min_keep} exceeds the {P} image tokens")
+    keep = np.ones((n_rows, P), bool)
+    mix = np.broadcast_to(np.eye(P, dtype=np.float32), (n_rows, P, P)).copy()
+    renumber = np.ones(n_rows, bool)
+    n_keep = np.full(n_rows, P, np.int32)
+    dist = None
+    for b in range(n_rows):
+        if rng.random() >= aug.prob:
+            continue
+        k = int(np.clip(round(float(np.exp(rng.uniform(np.log(aug.min_keep), np.log(P))))), aug.min_keep, P))
+        kept = np.sort(rng.choice(P, k, replace=False))
+        keep[b] = False
+        keep[b, kept] = True
+        n_keep[b] = k
+        u = rng.random()
+        if u < aug.merge_prob:
+            dist = _chebyshev(grid) if dist is None else dist
+            owner = kept[np.argmin(dist[:, kept], axis=1)]  # [P] nearest kept patch (lowest index on ties)
+            m = np.zeros((P, P), np.float32)
+            m[owner, np.arange(P)] = 1.0
+            m[kept] /= m[kept].sum(1, keepdims=True)
+            mix[b] = np.where(keep[b][:, None], m, np.eye(P, dtype=np.float32))
+        elif u < aug.merge_prob + aug.keep_positions_prob:
+            renumber[b] = False
+    return RowReduction(keep, mix, renumber, n_keep)
+
+
+def reduce_rows(red: RowReduction, ids: np.ndarray, valid: np.ndarray, image_token: int) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+    """``(valid [B, T], positions [B, T])`` of right-padded rows with one image each after the reduction: dropped
+    image slots invalid, positions renumbered over the valid tokens or kept (``arange``)."""
+    B, T = ids.shape
+    is_img = (ids == image_token) & valid  # [B, T]
+    P = red.keep.shape[1]
+    if not (is_img.sum(1) == P).all():
+        raise ValueError(f"every row needs exactly {P} image tokens, got {sorted(set(is_img.sum(1).tolist()))}")
+    slot = np.cumsum(is_img, axis=1) - 1  # [B, T] image slot index at image tokens
+    dropped = is_img & ~np.take_along_axis(red.keep, np.clip(slot, 0, P - 1), axis=1)
+    v2 = valid & ~dropped
+    renum = np.maximum(np.cumsum(v2, axis=1) - 1, 0).astype(np.int32)
+    pos = np.where(red.renumber[:, None], renum, np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
+    return v2, pos.astype(np.int32)
+
+
+def visible_targets(red: RowReduction, atarget: np.ndarray) -> np.ndarray:
+    """``atarget [B, R, P]`` (the patches each answer is about) moved onto the reduced slots: slot ``p`` holds
+    evidence when it is kept and its (merged) token includes a target patch."""
+    carried = np.einsum("bpq,brq->brp", red.mix > 0, atarget > 0)  # [B, R, P]
+    return ((carried > 0) & red.keep[:, None, :]).astype(np.float32)
+
+
+def answer_index(labels: np.ndarray) -> np.ndarray:
+    """``[B, T]`` int32: for each labelled token, which answer of its row it belongs to (runs of ``labels >= 0``
+    in order), -1 elsewhere."""
+    on = labels >= 0
+    start = on & ~np.concatenate([np.zeros_like(on[:, :1]), on[:, :-1]], axis=1)
+    idx = np.cumsum(start, axis=1) - 1
+    return np.where(on, idx, -1).astype(np.int32)
+
+
+def mask_unseen_answers(labels: np.ndarray, atarget: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """``labels`` with the tokens of answers whose target patches (non-empty) are all gone set to -1."""
+    lost = (atarget.sum(-1) > 0) & (visible.sum(-1) == 0)  # [B, R]
+    aidx = answer_index(labels)
+    R = atarget.shape[1]
+    gone = np.take_along_axis(np.concatenate([lost, np.zeros_like(lost[:, :1])], axis=1),
+                              np.where((aidx >= 0) & (aidx < R), aidx, R), axis=1)  # [B, T]
+    return np.where(gone, -1, labels).astype(labels.dtype)
+
+
+def mix_tokens(mix: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Device side: ``mix [B, P, P] @ tokens [B, P, H]`` -> merged tokens ``[B, P, H]``."""
+    return jnp.einsum("bpq,bqh->bph", mix.astype(tokens.dtype), tokens)
+
+
+def augment_batch(rng: np.random.Generator, batch: dict, aug: ReductionAug, grid: int, image_token: int) -> dict:
+    """A frozen-tower training batch (``ids``, ``valid``, ``positions``, ``labels``, ``qlabels``, ``atarget``, ...)
+    with a sampled reduction applied: new ``valid`` / ``positions``, targets and labels moved onto what is left,
+    and ``mix`` for :func:`mix_tokens` (the batch then always carries ``mix``, so one program serves every draw)."""
+    red = sample_reduction(rng, batch["ids"].shape[0], grid, aug)
+    valid, pos = reduce_rows(red, batch["ids"], batch["valid"], image_token)
+    out = dict(batch, valid=valid, positions=pos, mix=red.mix)
+    out["qlabels"] = np.where(valid, batch["qlabels"], -1).astype(batch["qlabels"].dtype)
+    if "atarget" in batch:
+        vis = visible_targets(red, batch["atarget"])
+        out["labels"] = mask_unseen_answers(batch["labels"], batch["atarget"], vis)
+        out["atarget"] = vis
+    return out
