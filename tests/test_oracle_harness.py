@@ -55,3 +55,12 @@ def test_oracle_slice_through_the_harness(tmp_path):
     ck = write_standin_checkpoint(tmp_path / "ck")
     score = evaluate_slice(ck, n_questions=6, batch_size=4, reducer="oracle:16", return_score=True)
     assert score["n"] == 6 and score["n_missing"] == 0 and 0.0 <= score["accuracy"] <= 100.0
+
+
+def test_large_style_benchmark_ids_and_priors(tmp_path):
+    d = write_benchmark(tmp_path / "b", "test", 0, n_images=None, n_questions=6, style="large")
+    qs = get_benchmark("synthvqa").load(d)
+    assert all(q.key.startswith("test_0_") and "_large_" in q.key for q in qs)
+    for q in qs:
+        np.testing.assert_array_equal(q.metadata[REDUCER_INPUTS]["patch_prior"], prior_for_question_id(q.key))
+    assert any(q.metadata[REDUCER_INPUTS]["patch_prior"].sum() >= 9 for q in qs)  # 3x3 / 4x4-patch objects

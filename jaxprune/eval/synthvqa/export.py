@@ -77,9 +77,10 @@ def chance_level(qtypes: list[str]) -> float:
 
 
 def collect(split: str, seed: int, n_images: int | None = None, n_questions: int | None = None,
-            qtypes: tuple[str, ...] = QTYPES) -> list[tuple[Item, tuple[QA, ...]]]:
+            qtypes: tuple[str, ...] = QTYPES, style: str = "grid") -> list[tuple[Item, tuple[QA, ...]]]:
     """Images ``0, 1, ...`` of a split with their questions: ``n_images`` images, or as many as the first
-    ``n_questions`` questions need (the last image's questions truncated). With both, the smaller set wins."""
+    ``n_questions`` questions need (the last image's questions truncated). With both, the smaller set wins.
+    ``style``: the scene style (:data:`.scene.STYLES`; ids of non-default styles end in ``_{style}``)."""
     if n_images is None and n_questions is None:
         raise ValueError("give n_images or n_questions")
     if (n_images is not None and n_images < 1) or (n_questions is not None and n_questions < 1):
@@ -88,7 +89,7 @@ def collect(split: str, seed: int, n_images: int | None = None, n_questions: int
     left = n_questions
     i = 0
     while (n_images is None or i < n_images) and (left is None or left > 0):
-        item = make_item(split, seed, i, qtypes)
+        item = make_item(split, seed, i, qtypes, style=style)
         qas = item.qas if left is None else item.qas[:left]
         if left is not None:
             left -= len(qas)
@@ -132,12 +133,13 @@ def _jsonl(rows: list[dict]) -> str:
 
 def write_benchmark(dst: str | Path, split: str = "test", seed: int = 0, n_images: int | None = 200,
                     n_questions: int | None = None, qtypes: tuple[str, ...] = QTYPES,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, style: str = "grid") -> Path:
     """Write the evaluation files of ``(split, seed)`` into ``dst`` (see the module docstring); returns ``dst``.
 
-    ``n_images`` images (all their questions), or, with ``n_questions``, the first ``n_questions`` questions."""
+    ``n_images`` images (all their questions), or, with ``n_questions``, the first ``n_questions`` questions.
+    ``style``: the scene style (default ``"grid"``: the benchmark as it always was; the meta file records it)."""
     dst = Path(dst)
-    data = collect(split, seed, n_images, n_questions, qtypes)
+    data = collect(split, seed, n_images, n_questions, qtypes, style)
     with _atomic_dir(dst, overwrite) as tmp:
         (tmp / IMAGE_DIR).mkdir()
         qrows, arows = [], []
@@ -155,6 +157,8 @@ def write_benchmark(dst: str | Path, split: str = "test", seed: int = 0, n_image
                 "question_file": question_file(split), "answers_file": answers_file(split),
                 "image_folder": IMAGE_DIR, "questions_per_type": {t: types.count(t) for t in qtypes},
                 "chance_per_type": {t: 100.0 * CHANCE[t] for t in qtypes}, "chance": chance_level(types)}
+        if style != "grid":
+            meta["style"] = style
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return dst
 

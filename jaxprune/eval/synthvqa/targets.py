@@ -19,11 +19,12 @@ import re
 
 import numpy as np
 
-from .dataset import make_item
+from .dataset import STYLE_CODES, make_item
 from .questions import QA, QTYPES
 from .scene import COLOUR_NAMES, GRID, SHAPES, Rendered, render
 
-_QID = re.compile(r"^(train|val|test)_(\d+)_(\d+)_(" + "|".join(QTYPES) + r")$")
+_QID = re.compile(r"^(train|val|test)_(\d+)_(\d+)(?:_(" + "|".join(STYLE_CODES) + r"))?_(" + "|".join(QTYPES)
+                  + r")$")
 
 
 def patch_prior(qa: QA, colour_map: np.ndarray, shape_map: np.ndarray) -> np.ndarray:
@@ -53,21 +54,21 @@ def prior_of(qa: QA, rendered: Rendered) -> np.ndarray:
 
 
 def prior_for_question_id(question_id: str) -> np.ndarray:
-    """:func:`patch_prior` of a benchmark question from its id alone (``{split}_{seed}_{index:06d}_{qtype}``, as
-    :func:`.export.question_id` writes it): the scene is regenerated from ``(split, seed, index)``."""
+    """:func:`patch_prior` of a benchmark question from its id alone (``{split}_{seed}_{index:06d}[_{style}]_{qtype}``,
+    as :func:`.export.question_id` writes it): the scene is regenerated from ``(split, seed, index, style)``."""
     mt = _QID.match(str(question_id))
     if mt is None:
         raise ValueError(f"{question_id!r} is not a synthvqa question id ({{split}}_{{seed}}_{{index:06d}}_{{qtype}})")
-    split, seed, index, qtype = mt.group(1), int(mt.group(2)), int(mt.group(3)), mt.group(4)
-    priors = _image_priors(split, seed, index)
+    split, seed, index, style, qtype = mt.group(1), int(mt.group(2)), int(mt.group(3)), mt.group(4), mt.group(5)
+    priors = _image_priors(split, seed, index, style or "grid")
     if qtype not in priors:
         raise ValueError(f"{question_id!r}: image {index} of ({split}, seed {seed}) has no {qtype} question")
     return priors[qtype].copy()
 
 
 @functools.lru_cache(maxsize=64)
-def _image_priors(split: str, seed: int, index: int) -> dict[str, np.ndarray]:
+def _image_priors(split: str, seed: int, index: int, style: str) -> dict[str, np.ndarray]:
     """qtype -> prior for every question of one generated image (one render for its questions)."""
-    item = make_item(split, seed, index)
+    item = make_item(split, seed, index, style=style)
     rd = render(item.scene)
     return {qa.qtype: prior_of(qa, rd) for qa in item.qas}
