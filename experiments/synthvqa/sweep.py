@@ -5,7 +5,8 @@
 For each data seed the test split (``--images`` images, up to 4 questions each) is written as a benchmark
 folder and run with :func:`jaxprune.eval.sweep.run_sweep` (the same prompts, preprocessing, greedy
 decoding and scorer as ``jaxprune-eval``): the full model, then every reducer of
-:func:`jaxprune.reducers.registry.names` at each budget. Budgets are for the model's 144 visual tokens:
+:func:`jaxprune.reducers.registry.names` for this benchmark (the synthvqa-only ``oracle``, the upper bound,
+included) at each budget. Budgets are for the model's 144 visual tokens:
 48/32/16/8 = LLaVA-1.5's 192/128/64/32 of 576. For multi-cut in-LLM methods the budget is the average
 over the decoder's layers; averages a 4-layer decoder cannot reach are reported as "n/a" with the reason,
 and their ``*_final`` registry variants (``pyramiddrop_final``, ``adsc_final``: ``budget`` = tokens left after
@@ -42,14 +43,14 @@ def _fmt(xs: list[float]) -> str:
 
 
 def run(model: str, seeds: list[int], n_images: int, budgets: list[int], reducers: list[str], out: Path,
-        batch_size: int = 64) -> dict:
+        batch_size: int = 64, style: str = "grid") -> dict:
     m, tok, model_id, model_dir = load_model(model)
     ctx = Context.create(m, tok, model_id, model_dir=model_dir)
     rows: list[dict] = []
     skipped: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="synthvqa-sweep-") as d:
         for seed in seeds:
-            data = write_benchmark(Path(d) / f"data{seed}", "test", seed, n_images=n_images)
+            data = write_benchmark(Path(d) / f"data{seed}", "test", seed, n_images=n_images, style=style)
             cfg = SweepConfig(model=model, benchmarks=[BenchmarkSpec("synthvqa", str(data))],
                               reducers=[ReducerSpec(r, b) for r in reducers for b in budgets], full=True,
                               out=str(Path(d) / f"out{seed}"), batch_size=batch_size, max_new_tokens=4,
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images", type=int, default=60, help="test images per seed (up to 4 questions each)")
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
-    ap.add_argument("--reducers", nargs="+", default=registry.names())
+    ap.add_argument("--reducers", nargs="+", default=registry.names(benchmark="synthvqa"))
+    ap.add_argument("--style", default="grid", help="scene style of the test images (the model's training style)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=RESULTS / "synthvqa")
     ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json (no runs)")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.render:
         a.out.with_suffix(".md").write_text(markdown(json.loads(a.out.with_suffix(".json").read_text())))
         return
-    run(a.model, a.seeds, a.images, a.budgets, a.reducers, a.out, a.batch_size)
+    run(a.model, a.seeds, a.images, a.budgets, a.reducers, a.out, a.batch_size, a.style)
 
 
 if __name__ == "__main__":
