@@ -119,6 +119,7 @@ def stopped_within(tokens: np.ndarray, eos: tuple[int, ...], limit: int) -> np.n
 
 def alignment(runner: Runner, questions: list) -> dict:
     """Text-to-patch ROC-AUCs (module docstring, property 4) on the questions' images."""
+    import jax
     import jax.numpy as jnp
 
     from jaxprune.eval.batching import load_pixels
@@ -129,6 +130,7 @@ def alignment(runner: Runner, questions: list) -> dict:
     m = runner.model.module
     V = runner.model.cfg.text.vocab_size
     emb = np.asarray(m.embed_text(jnp.arange(V, dtype=jnp.int32)[None]))[0]  # [V, H] LLM input embeddings
+    project = jax.jit(lambda px: m.projector(m.vision_features(px)[0]))  # [N, 3, S, S] -> [N, P, H]
     by_word: dict[str, list[float]] = {"colour": [], "shape": []}
     by_type: dict[str, list[float]] = {}
     cache: dict[str, tuple[np.ndarray, Any]] = {}
@@ -136,7 +138,7 @@ def alignment(runner: Runner, questions: list) -> dict:
         image_key = q.key.rsplit("_", 1)[0]
         if image_key not in cache:
             px = np.asarray(load_pixels(q, runner.img_cfg))[None]  # [1, 3, S, S]
-            vis = m.projector(m.vision_features(jnp.asarray(px))[0])[0]  # [P, H]
+            vis = project(jnp.asarray(px))[0]  # [P, H]
             maps = _maps(q.key)
             cache = {image_key: (np.asarray(vis), maps)}
         vis, (colour_map, shape_map) = cache[image_key]
