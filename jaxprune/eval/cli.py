@@ -287,6 +287,29 @@ def _list() -> int:
     return 0
 
 
+def _reading(cfg, outcome) -> list[str]:
+    """The one-line reading per budget (:mod:`jaxprune.eval.reading`) when one benchmark ran ``random``; nothing
+    for benchmarks whose headline is not a per-question accuracy."""
+    runs = outcome.runs
+    if len(cfg.benchmarks) != 1 or not any(r.get("reducer") == "random" for r in runs):
+        return []
+    from jaxprune.eval.benchmarks import get_benchmark
+    from jaxprune.eval.reading import question_hits, reading_lines
+
+    spec = cfg.benchmarks[0]
+    bench = get_benchmark(spec.name)
+    try:
+        qs = bench.load(spec.data, **spec.kwargs)
+        if cfg.limit:
+            qs = qs[:cfg.limit]
+        hits = {r["run"]: question_hits(bench, qs, r["answers_file"]) for r in runs
+                if r.get("reducer") and r.get("answers_file")}
+    except (ValueError, OSError, KeyError) as e:
+        return [f"(no per-budget reading: {e})"]
+    lines = reading_lines(runs, hits)
+    return ["", "Reading (best method per budget vs random pruning):", *lines] if lines else []
+
+
 def main(argv: list[str] | None = None) -> int:
     console = argv is None  # the console script (tests call main(argv) and keep JAX's compile-cache setting)
     argv = sys.argv[1:] if console else list(argv)
@@ -329,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         if "chance" in score:  # synthvqa: the blind baselines the scores compare with
             print(f"\nBlind baselines on these {score['n']} questions: chance {score['chance']:.1f}%, "
                   f"majority answer per type {score.get('majority', float('nan')):.1f}%")
+        for line in _reading(cfg, outcome):
+            print(line)
     else:
         print(outcome.markdown)
     if outcome.skipped or any(r.record.get("n_skipped") for r in outcome.results):
