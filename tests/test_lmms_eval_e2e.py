@@ -163,3 +163,75 @@ def test_lmms_eval_cli_through_jaxprune_equals_jaxprune_eval(tmp_path):
     lm_metrics = {k.split(",")[0]: v for k, v in results.items() if k.startswith("pope_") and "stderr" not in k}
     assert lm_metrics == pytest.approx(_lmms_pope_metrics(jp_answers, questions))
     assert bench.score(questions, lm_answers) == rec["score"]  # jaxprune-eval's scorer (LLaVA's eval_pope)
+
+
+MC_YAML = """\
+task: jp_pope_mc
+dataset_path: {data}
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.pope_doc_to_visual
+doc_to_text: !function utils.pope_doc_to_text
+doc_to_choice: ["yes", "no"]
+doc_to_target: "answer"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+lmms_eval_specific_kwargs:
+  default:
+    pre_prompt: ""
+    post_prompt: "{suffix}"
+metadata:
+  - version: 0.0
+"""
+
+
+def test_lmms_eval_multiple_choice_through_jaxprune_picks_the_likeliest_choice(tmp_path):
+    """``output_type: multiple_choice`` end to end: lmms-eval 0.7.3 scores each choice with ``loglikelihood`` and
+    takes ``argmin`` of what the model returns (its own models return a loss), so jaxprune returns ``-sum(log p)``
+    there. The prediction must be the choice with the larger ``log P(" choice" | prompt, image)`` computed by
+    jaxprune's backend directly, and lmms-eval's ``acc`` the share of those that equal the answer."""
+    from lmms_eval.tasks.pope import utils as pu
+
+    from jaxprune.eval.lmms.model import JaxpruneLMM
+    from jaxprune.eval.lmms.requests import LoglikRequest
+
+    _, questions = _questions()
+    model = build_yes_no_llava(tmp_path / "tiny", calibration=_calibration(questions, tmp_path))
+    task_dir = _write_task(tmp_path, questions)
+    (task_dir / "jp_pope.yaml").unlink()
+    (task_dir / "jp_pope_mc.yaml").write_text(MC_YAML.format(data=tmp_path / "pope_disk",
+                                                            suffix=SUFFIX.replace("\n", "\\n")))
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    lm_out = tmp_path / "lmms"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "jaxprune", "--model_args",
+           f"pretrained={model},reducer={REDUCER},batch_size=4", "--tasks", "jp_pope_mc", "--include_path",
+           str(task_dir), "--output_path", str(lm_out), "--log_samples", "--verbosity", "WARNING"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    found = list(lm_out.rglob("*_results.json"))
+    assert r.returncode == 0 and len(found) == 1, r.stdout[-4000:] + r.stderr[-8000:]
+    acc = json.loads(found[0].read_text())["results"]["jp_pope_mc"]["acc,none"]
+    (samples_file,) = lm_out.rglob("*_samples_jp_pope_mc.jsonl")
+    samples = {s["doc_id"]: s for s in map(json.loads, samples_file.read_text().splitlines())}
+    assert sorted(samples) == list(range(len(questions)))
+
+    # ---- the same scores from jaxprune's backend, in this process
+    lm = JaxpruneLMM.create_from_arg_string(f"pretrained={model},reducer={REDUCER},batch_size=4",
+                                            {"batch_size": "1", "device": "cpu", "max_batch_size": None})
+    kwargs = {"pre_prompt": "", "post_prompt": SUFFIX}
+    picks, golds = [], []
+    for i, q in enumerate(questions):
+        ctx = pu.pope_doc_to_text({"question": q.text[: -len(SUFFIX)]}, kwargs)
+        img = q.load_image().convert("RGB")
+        lps = [lp for lp, _ in lm.backend.loglikelihood([LoglikRequest(ctx, f" {c}", (img,)) for c in ("yes", "no")])]
+        returned = [float(v[0]) for v in samples[i]["filtered_resps"]]  # what lmms-eval received per choice
+        assert returned == pytest.approx([-lp for lp in lps], rel=1e-5, abs=1e-5)
+        picks.append(("yes", "no")[max(range(2), key=lambda j: lps[j])])
+        golds.append(q.answer.strip().lower())
+        assert samples[i]["acc"] == float(picks[-1] == golds[-1])
+    assert len(set(picks)) == 2  # the yes/no head: both answers occur, so argmin vs argmax would differ
+    assert acc == pytest.approx(sum(p == g for p, g in zip(picks, golds)) / len(golds))

@@ -16,11 +16,46 @@ from typing import Any
 
 from lmms_eval.api.model import lmms
 
+try:  # lmms-eval >= 0.7: the evaluator unwraps every model output through `unwrap_generation_output`
+    from lmms_eval.api.instance import GenerationResult
+except ImportError:  # older releases keep outputs as returned
+    GenerationResult = object
+
 from jaxprune.eval.config import ConfigError
 
 from .backend import Backend
 from .options import parse_model_args
 from .requests import GenRequest, LoglikRequest, check_visuals, gen_settings, where
+
+
+class LoglikResult(GenerationResult):
+    """One ``loglikelihood`` answer, ``(score, is_greedy)``, that survives lmms-eval 0.7.3's evaluator.
+
+    That evaluator passes every model output through ``api.instance.unwrap_generation_output``, which keeps a
+    ``str`` or a ``GenerationResult``'s ``.text`` and turns anything else into ``str(output)``: a plain
+    ``(float, bool)`` tuple reaches ``process_results`` as the string ``"(-1.2, False)"`` and ``multiple_choice``
+    tasks crash in ``lls, is_greedy = zip(*results)`` (so do lmms-eval's own models' tuples). As a
+    ``GenerationResult`` whose ``text`` is the tuple, the tuple itself reaches the task; it still unpacks, indexes
+    and compares like the tuple (``score, greedy = result``)."""
+
+    def __init__(self, pair: tuple[float, bool]) -> None:
+        self.text = (float(pair[0]), bool(pair[1]))
+        self.token_counts = None
+
+    def __iter__(self):
+        return iter(self.text)
+
+    def __getitem__(self, i):
+        return self.text[i]
+
+    def __len__(self) -> int:
+        return 2
+
+    def __eq__(self, other) -> bool:
+        return tuple(self.text) == tuple(other)
+
+    def __repr__(self) -> str:
+        return f"LoglikResult{self.text}"
 
 
 class JaxpruneLMM(lmms):
@@ -75,7 +110,7 @@ class JaxpruneLMM(lmms):
             reqs.append(GenRequest(str(context), self._visuals(doc_to_visual, task, split, doc_id), settings, w))
         return self.backend.generate(reqs)
 
-    def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list) -> list[LoglikResult]:
         """``(score, is_greedy)`` per request, in lmms-eval 0.7's two conventions (``api/task.py``):
 
         * ``output_type: loglikelihood`` (continuation = the task's ``doc_to_target``, a callable): the sum of the
@@ -98,7 +133,8 @@ class JaxpruneLMM(lmms):
                 raise ConfigError(f"{w}: doc_to_target gave {len(cont)} targets; loglikelihood scores one")
             reqs.append(LoglikRequest(str(context), str(cont), self._visuals(doc_to_visual, task, split, doc_id), w))
             negate.append(isinstance(target, str))
-        return [(-lp if neg else lp, g) for (lp, g), neg in zip(self.backend.loglikelihood(reqs), negate)]
+        return [LoglikResult((-lp if neg else lp, g))
+                for (lp, g), neg in zip(self.backend.loglikelihood(reqs), negate)]
 
     def generate_until_multi_round(self, requests: list) -> list[str]:
         """Not implemented: refused with the task's name."""
