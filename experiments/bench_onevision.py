@@ -18,15 +18,18 @@ Each prompt is a 5-token prefix, the visual placeholders and a 20-token question
 1/4 and 1/9 for the image, 1/4 for the video) count the span's tokens reaching the LLM, newlines included, and are
 built with ``registry.make(name, budget, cfg)`` as ``jaxprune-eval --reducer NAME:BUDGET`` builds them (on
 OneVision: projector-stage methods keep ``budget`` tokens of the span; FastV keeps ``budget`` after layer 2;
-vision-stage methods split the budget over the span's crop slots -- the pinpoints' maximum, 37, for an image --
-with :mod:`jaxprune.families.onevision_spans`' CLS-free saliency surrogate).
+vision-stage methods split the budget over the span's crop slots -- for an image the bucketed crop count of the
+batch, 6 slots for the 5-crop photo -- with :mod:`jaxprune.families.onevision_spans`' CLS-free saliency
+surrogate). A reduced image row's span has the batch-sized static slot count of ``onevision_spans`` (the bucket
+ladder value >= the real span: 3072 slots for the 2929-token photo, not the config's 8829).
 
 Method (:mod:`experiments.timing`, as ``bench_video``): one warm-up call per program (``first_s``, compile
 included); a reducer row's prefill is timed in ABBA rounds with the full model's prefill of the same input
 (speedup = median of the per-round ratios); decode = slope of a least-squares fit of the decode loop's time at
 several lengths, refused when not positive or not growing; compile (lower + compile of the prefill) timed apart.
 FLOPs: :func:`prefill_flops` (``jaxprune.flops.prefill_cost``'s OneVision count on the static layout the program
-really runs -- bucketed crops, span slots, segments; equal to ``prefill_cost`` for image rows, checked) plus the
+really runs -- bucketed crops, span slots, segments; equal to ``prefill_cost(image_tokens=..., crops=...)`` of the
+image for image rows, checked) plus the
 ConsensusDrop shallow pass (``bench_budgets.shallow_flops``); the FLOPs limit = FLOPs_full / FLOPs_row.
 
     python -m experiments.bench_onevision [--repeats 3] [--tiny] [--dry-run] [--out STEM] [--wait-quiet MIN]
@@ -194,8 +197,8 @@ def prefill_flops(cfg: LlavaConfig, static, spec, text_tokens: int, span_tokens:
         segs.append((stop - start, fixed + k))
         start = stop
     llm = sum(m * flops.llm_layer(cfg, t) for m, t in segs) + 2 * c.hidden_size * c.vocab_size
-    fv = sum(m * flops._fastv_layer(cfg, t) for m, t in segs)
-    cut = sum(flops._cut_cost(cfg, r, fixed + k, k) for r, k in zip(llm_cuts, counts))
+    fv = sum(m * flops.fastv_layer(cfg, t) for m, t in segs)
+    cut = sum(flops.cut_cost(cfg, r, fixed + k, k) for r, k in zip(llm_cuts, counts))
     return flops.PrefillCost(vision=vision, projector=projector, llm_swiglu=llm, llm_fastv_formula=fv,
                              segments=tuple(segs), visual_tokens=tuple(counts), llm_cuts=cut)
 
@@ -211,10 +214,9 @@ def row_flops(model, p, spec, kind: str, span_tokens: int) -> dict:
            "flops_llm_cuts": cost.llm_cuts, "flops_shallow": shallow, "flops_total": cost.total + shallow,
            "segments": [list(s) for s in cost.segments], "text_slots": text,
            "kv_bytes_analytic": flops.kv_cache_bytes(cfg, cost, 1, NEW + 1, model.dtype.itemsize)}
-    if kind == "image":
-        crops = None if (spec is not None and lay.vision) else lay.Tc
-        ref = flops.prefill_cost(cfg, spec, text_tokens=text, images=1, crops=crops,
-                                 image_tokens=None if spec is not None else span_tokens)
+    if kind == "image":  # prefill_cost of the image's real counts derives the same static layout
+        ref = flops.prefill_cost(cfg, spec, text_tokens=text, images=1, crops=int(p.visual.layout.crops.max()),
+                                 image_tokens=span_tokens)
         if not math.isclose(ref.total, cost.total, rel_tol=1e-9) or ref.segments != cost.segments:
             raise AssertionError(f"prefill_flops {cost} != flops.prefill_cost {ref}")
     return out
@@ -369,15 +371,16 @@ def markdown(cfg: LlavaConfig, counts: dict, data: dict, table: list, quiet, cmd
         f"- tokens: image {c['image_hw'][0]}x{c['image_hw'][1]} (h x w) -> anyres grid {c['grid'][0]}x{c['grid'][1]} "
         f"+ base = {c['crops']} crops -> {c['image_tokens']} placeholders (base {c['patches_per_crop']} + unpadded, "
         f"capped tile grid with a newline per row; {hf}); video {c['frames']} frames x {c['pooled_side']}^2 pooled + "
-        f"1 newline = {c['video_tokens']}; the config's largest image span (the static span of a reduced image row) "
-        f"= {c['max_image_tokens']} slots",
+        f"1 newline = {c['video_tokens']}; a reduced image row's static span = the bucketed real span (`onevision_spans."
+        f"ladder`: >= {c['image_tokens']}, at most the config's largest image span, {c['max_image_tokens']} slots)",
         "- budget = the span's tokens reaching the LLM (newlines count), `registry.make(name, budget, cfg)` as "
         "`jaxprune-eval --reducer NAME:BUDGET`: fastervlm / consensusdrop keep `budget` slots of the span by the "
         "CLS-free saliency surrogate (attention each patch receives in its crop; consensusdrop fuses it with layer-2 "
         "text->image attention from a shallow pass over the full static span); fastv keeps `budget` after layer 2, "
         "the first two layers running the full static span; visionzip splits `budget` over the span's crop slots "
-        "(image: the pinpoints' maximum crop count, every slot run through the tower, the absent ones invalid, so an "
-        "image with fewer crops delivers fewer tokens than the budget: see 'visual valid'; video: per frame)",
+        "(image: the bucketed crop count of the batch, every slot run through the tower, the absent ones invalid, so "
+        "an image with fewer crops than its bucket delivers crops * (budget // slots) tokens: see 'visual valid'; "
+        "video: per frame)",
         "- columns: LLM seq = decoder sequence of the first / last segment (bucket padding and invalid span slots "
         "included); visual valid = valid visual tokens in the last segment (the caches' key mask minus the "
         f"{PREFIX + QUESTION} text tokens)",
@@ -406,16 +409,22 @@ def dry_run(model, rows: list[Row], inputs: dict, counts: dict) -> dict:
     """Plan every row and print its shapes and FLOPs (no compile, no timing): the full-size config's check."""
     out = {"tokens": counts, "rows": []}
     print(counts, flush=True)
+    base = {}
     for row in rows:
         spec, p = plan_row(model, row, inputs[row.kind])
         fl = row_flops(model, p, spec, row.kind, counts[f"{row.kind}_tokens"])
         lay = p.static.layout
+        if row.name == "full":
+            base[row.kind] = fl["flops_total"]
         info = {"kind": row.kind, "reducer": row.name, "budget": row.budget, "batch_shape": list(p.batch_shape),
                 "crops_run": lay.crops if getattr(lay, "vision", False) else lay.Tc,
-                "span_slots": getattr(lay, "S", 0) or None, **fl}
+                "span_slots": getattr(lay, "S", 0) or None, "span_full_slots": getattr(lay, "S_full", 0) or None,
+                "flops_limit": base[row.kind] / fl["flops_total"],
+                **fl}
         out["rows"].append(info)
         print(f"{row.kind:5s} {row.name:13s} {row.budget:5d}  input {p.batch_shape}  crops run {info['crops_run']:3d}"
-              f"  segments {fl['segments']}  GFLOPs {fl['flops_total'] / 1e9:8.4g}"
+              f"  span S_full {info['span_full_slots'] or '-':>5}  segments {fl['segments']}"
+              f"  GFLOPs {fl['flops_total'] / 1e9:8.4g}  limit {info['flops_limit']:5.2f}"
               f" (vision {fl['flops_vision'] / 1e9:.1f}, shallow {fl['flops_shallow'] / 1e9:.1f})"
               f"  KV MiB {fl['kv_bytes_analytic'] / 2**20:.1f}", flush=True)
     return out

@@ -64,7 +64,7 @@ def llm_layer(cfg: LlavaConfig, t: int) -> float:
     return proj + attn + mlp
 
 
-def _cut_cost(cfg: LlavaConfig, r, t: int, v: int) -> float:
+def cut_cost(cfg: LlavaConfig, r, t: int, v: int) -> float:
     """Selection FLOPs of the in-LLM cut ``r`` on a ``t``-token sequence with ``v`` visual tokens (see the
     module docstring): next-layer key projection of every token, query projection and score logits of the
     scored rows. RMSNorm, RoPE and softmax (O(t H)) are left out, as in :func:`llm_layer`."""
@@ -76,7 +76,9 @@ def _cut_cost(cfg: LlavaConfig, r, t: int, v: int) -> float:
     return 2 * t * c.hidden_size * kv + 2 * rows * c.hidden_size * q + 2 * rows * t * q
 
 
-def _fastv_layer(cfg: LlavaConfig, n: int) -> float:
+def fastv_layer(cfg: LlavaConfig, n: int) -> float:
+    """FastV's per-layer count on an ``n``-token sequence, ``4 n d^2 + 2 n^2 d + 2 n d m`` multiply-adds (paper
+    section 4.2; the per-layer term of ``llm_fastv_formula``)."""
     d, m = cfg.text.hidden_size, cfg.text.intermediate_size
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
@@ -107,8 +109,12 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
     model runs the image's real tokens; with a reducer the decoder runs the static span of the family's layout
     (:mod:`jaxprune.families.llava_next`: ``S`` slots per image, unused ones masked but computed).
     Video-LLaVA: ``images`` counts videos of ``cfg.num_frames`` frames (the layout budgets count against).
-    LLaVA-OneVision: ``crops`` SigLIP crops per image (default: 1, or the vision-stage span's crop slots) and
-    ``image_tokens`` placeholders (default: the config's maximum)."""
+    LLaVA-OneVision: one single image (anyres) of ``crops`` real crops (1 base + tiles; default: the pinpoints'
+    maximum) and ``image_tokens`` placeholders (its HF count; default: the config's maximum), counted on the static
+    layout a batch of such images runs (:mod:`jaxprune.families.onevision_spans`): the unreduced model and
+    projector-stage reducers run the tower on ``bucket(crops)`` crops (the batch's crop bucket, zero crops
+    included), vision-stage reducers on the bucketed crop slots; the unreduced decoder runs the real placeholders,
+    a reduced one the span's static slots (sized on ``image_tokens``)."""
     from jaxprune import families
     from jaxprune.engine.cuts import check_llm_reducers
     from jaxprune.engine.plan import split_reducer
@@ -131,21 +137,25 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
             span, pool = st.S, st.V
         else:
             span = pool = st.S_full if image_tokens is None else int(image_tokens)
-    elif cfg.model_type == "llava_onevision":  # SigLIP: no CLS; ``crops`` crops (default: the static span's)
+    elif cfg.model_type == "llava_onevision":  # SigLIP: no CLS; one image of ``crops`` real crops
+        from jaxprune.families.onevision_spans import bucket, image_extent, reduced_static
+
         P = v.num_patches
-        n = int(crops) if crops is not None else (st.crops if st.vision else 1)
+        k_max, c_max = image_extent(cfg, None)  # the config's largest image
+        k_img, c_img = image_extent(cfg, None, (k_max if image_tokens is None else image_tokens,
+                                                c_max if crops is None else crops))
+        if reducers:
+            st = reduced_static(cfg, reducers, opts, images, None, image=(k_img, c_img))
+        n = st.crops if (reducers and st.vision) else bucket(c_img)
         cost = 2 * P * v.patch_size ** 2 * v.num_channels * v.hidden_size
         s, done, L = P, 0, cfg.feature_layer_index
-        for r in (st.specs if st.vision else ()):  # per crop, placeholder CLS outside the tower
+        for r in (st.specs if reducers and st.vision else ()):  # per crop, placeholder CLS outside the tower
             cut = L if r.vision_layer is None else r.vision_layer
             cost += sum(_clip_layer(cfg, s) for _ in range(done, cut))
             done, s = cut, r.output_tokens(s) - 1  # as onevision_spans.reduced_static: d + c patches
         vision = n * (cost + sum(_clip_layer(cfg, s) for _ in range(done, L)))
         projector = n * 2 * s * (v.hidden_size * cfg.text.hidden_size + cfg.text.hidden_size ** 2)
-        if reducers:
-            span, pool = st.S, st.V
-        else:
-            span = pool = cfg.max_image_tokens if image_tokens is None else int(image_tokens)
+        span, pool = (st.S, st.V) if reducers else (k_img, k_img)
     elif cfg.model_type == "video_llava":  # ``images`` = videos of ``cfg.num_frames`` frames (CLS kept per frame)
         F = st.frames
         vision_one, s = _tower(cfg, st.specs if st.frames_mode == "per_frame" else ())
@@ -166,8 +176,8 @@ def prefill_cost(cfg: LlavaConfig, reducer=None, text_tokens: int = 75, images: 
         segs.append((stop - start, fixed + c))
         start = stop
     llm = sum(n_ * llm_layer(cfg, t) for n_, t in segs) + 2 * cfg.text.hidden_size * cfg.text.vocab_size
-    fv = sum(n_ * _fastv_layer(cfg, t) for n_, t in segs)
-    cut = sum(_cut_cost(cfg, r, fixed + c, c) for r, c in zip(llm_cuts, counts))
+    fv = sum(n_ * fastv_layer(cfg, t) for n_, t in segs)
+    cut = sum(cut_cost(cfg, r, fixed + c, c) for r, c in zip(llm_cuts, counts))
     return PrefillCost(vision=batch * images * vision, projector=batch * images * projector,
                        llm_swiglu=batch * llm, llm_fastv_formula=batch * fv, segments=tuple(segs),
                        visual_tokens=tuple(counts), llm_cuts=batch * cut)

@@ -34,8 +34,9 @@ CFG = LlavaConfig(
 M = 100                    # CFG.max_image_tokens
 VT = F * 9 + 1             # video tokens
 BUDGET = {"image": 60, "video": 16}
-#: two image batches whose crop totals share a bucket (5 + 3 and 4 + 4 crops -> 8)
-SIZES = {0: [(74, 70), (37, 74)], 1: [(111, 40), (20, 111)]}
+#: two image batches of other sizes in one layout: crop totals 5 + 3 -> bucket 8, largest crop count 5 (the cap),
+#: longest spans 81 and 85 tokens -> 96 slots (onevision_spans "Span sizes")
+SIZES = {0: [(74, 70), (37, 74)], 1: [(74, 60), (70, 30)]}
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,10 +2,19 @@
 
 A span is exactly what HF hands the LLM for one input (:mod:`jaxprune.models.onevision_pack`): a single image's
 ``P`` base tokens + its unpadded, capped tile grid with newlines; an image of a multi-image row, ``P + 1``; a video,
-``F * ceil(p/2)^2 + 1``. Every span has ``S_full`` static slots (single images: the config's maximum,
-:attr:`~jaxprune.config.LlavaConfig.max_image_tokens`; multi-image: ``P + 1``; video: its token count), the unused
-ones invalid. A batch with a reducer holds one kind of span (single images, multi-image rows or videos) and the
-same number per row.
+``F * ceil(p/2)^2 + 1``. Every span has ``S_full`` static slots, the unused ones invalid. A batch with a reducer
+holds one kind of span (single images, multi-image rows or videos) and the same number per row.
+
+**Span sizes** (static, sized on the batch): multi-image: ``P + 1``; video: its token count; single images: the
+first value of the :func:`ladder` over the :func:`bucket` series (1, 2, 3, 4, 6, 8, 12, ... 2048, 3072, 4096, 6144,
+8192, ...: at most 1.5x) that is ``>=`` the longest real span among the batch's images, capped at the config's
+maximum :attr:`~jaxprune.config.LlavaConfig.max_image_tokens` -- a 480x640 photo (5 crops, 2929 tokens) gets 3072
+slots instead of the released pinpoints' 8829, so reducers that run LLM layers (or a shallow pass) on the whole span
+before their cut run about the real length, never more than 1.5x it. The sizes a config can produce are the ladder
+values between one crop's ``P`` and the maximum (9 on the released ``anyres_max_9`` geometry), each compiled once.
+When the chain's budgets do not fit a size (``fastervlm(4000)`` on a 2929-token image: 4000 > 3072 slots), the next
+ladder value is taken (4096), up to the maximum: a budget valid for the config stays valid on every batch, and one
+larger than the image keeps every real token, as before.
 
 **Signals** a projector-stage reducer reads are gathered through the same taps as the features, so each span slot
 carries the signals of the patches it is made of (a bilinear mix of them where HF resizes / pools):
@@ -22,9 +31,19 @@ carries the signals of the patches it is made of (a bilinear mix of them where H
 
 Budgets count a span's tokens (newlines included): ``fastervlm(64)`` keeps 64 tokens per image / video.
 Vision-stage reducers (VisionZip, VisionDrop stage A) split the budget over segments with the spec's own rule
-(``spec.per_segment(n)``; ``n`` = the pinpoints' maximum crop count for single images -- one static per-crop count,
-as the official VisionZip / FasterVLM NeXT codes -- 1 for a multi-image row's image, ``F`` for a video) and run
-inside the tower on every crop / frame with a
+(``spec.per_segment(n)``) and run inside the tower on every crop slot / frame. ``n``: 1 for a multi-image row's
+image, ``F`` for a video, and for single images the batch's **crop slots** = the :func:`ladder` value ``>=`` the
+largest real crop count among its images (1 base + tiles), capped at the pinpoints' maximum ``1 + max(gh * gw)``.
+So an image whose crop count equals its slot count gets exactly ``n * (budget // n)`` tokens (``budget`` when
+``n`` divides it), one with fewer crops ``crops * (budget // n)``; a 5-crop 480x640 photo on the released
+pinpoints gets 6 slots (5 real) and ``5 * (budget // 6)`` tokens. Why not a per-config count: the official
+VisionZip / FasterVLM LLaVA-NeXT codes apply one static per-crop count to every crop (their budget is a maximum;
+jaxprune's NeXT ``crop_split="fixed"``), and jaxprune's first OneVision layout did the same over the pinpoints'
+maximum -- 37 crop slots on the released geometry, so the tower ran 37 crops for a 5-crop image and
+``visionzip:732`` delivered 95 tokens: the budget was not honoured. Splitting over each image's own crop count
+(NeXT's ``crop_split="real"``) would make the per-crop count vary per image; the batch's bucketed count keeps it
+static per crop bucket (a bounded set of layouts: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ..., the maximum) and honours
+the budget up to the bucket's rounding. Each crop slot runs with a
 **placeholder CLS**: slot 0 of their context is a zero token whose saliency row is the surrogate above; it never
 enters the tower and is dropped with its copy after the reduction, the spec's CLS slot going to one more dominant
 patch (``dominant + 1``), so a crop keeps ``dominant + contextual`` patches. The span is then the crops' / frames'
@@ -56,6 +75,22 @@ def bucket(n: int) -> int:
             if c >= n:
                 return c
         b *= 2
+
+
+def ladder(n: int, cap: int) -> tuple[int, ...]:
+    """The static sizes ``>= n`` a batch-sized span / crop count may take, smallest first: the :func:`bucket` values
+    from ``bucket(n)`` on, each capped at ``cap``, ending at ``cap`` (``ladder(2929, 8829) = (3072, 4096, 6144, 8192,
+    8829)``; ``n >= cap``: ``(cap,)``)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"ladder: n must be a positive int, got {n!r}")
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 1:
+        raise ValueError(f"ladder: cap must be a positive int, got {cap!r}")
+    out, c = [], min(bucket(int(n)), int(cap))
+    while True:
+        out.append(c)
+        if c >= cap:
+            return tuple(out)
+        c = min(bucket(c + 1), int(cap))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +132,27 @@ def _kind(visual) -> tuple[str, int]:
 
 
 def span_size(cfg, kind: str, frames: int) -> int:
-    """``S_full`` of a span of ``kind``."""
+    """``S_full`` of a span of ``kind`` (single images: its upper bound, the config's largest image)."""
     p = cfg.vision.grid
     if kind == "video":
         return frames * pooled_side(p) ** 2 + 1
     if kind == "multi":
         return p * p + 1
     return cfg.max_image_tokens
+
+
+def image_extent(cfg, visual, image: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``(longest span tokens, most crops)`` over a batch's single images, from ``visual`` (the family's
+    :class:`~jaxprune.families.base.VisualInputs`), else ``image``, else the config's largest image."""
+    if visual is not None and visual.layout.n_images:
+        return int(np.max(visual.span_tokens[: visual.layout.n_images])), int(np.max(visual.layout.crops))
+    if image is not None:
+        tokens, crops = image
+        for name, v in (("span tokens", tokens), ("crops", crops)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"image=(span tokens, crops): {name} must be a positive int, got {v!r}")
+        return int(tokens), int(crops)
+    return cfg.max_image_tokens, _max_crops(cfg)
 
 
 def _vision_spec(r):
@@ -113,14 +162,27 @@ def _vision_spec(r):
     return r
 
 
-def reduced_static(cfg, reducers: tuple, options, ipr: int, visual) -> OnevisionStatic:
-    """Validate the chain against one span and fix the static layout (host side)."""
+def _llm_fits(reducers: tuple, ipr: int, V: int) -> None:
+    """The in-LLM budgets against ``ipr * V`` pool slots (:class:`BudgetError` when one does not fit)."""
+    v = ipr * V
+    for r in reducers:
+        if r.stage == "llm":
+            v = r.output_visual(v)
+
+
+def reduced_static(cfg, reducers: tuple, options, ipr: int, visual, image: tuple[int, int] | None = None
+                   ) -> OnevisionStatic:
+    """Validate the chain against one span and fix the static layout (host side).
+
+    Single images are sized on the batch (module docstring, "Span sizes"): ``S_full`` and the vision-stage crop
+    slots are the first :func:`ladder` values ``>=`` the batch's longest real span / largest crop count
+    (:func:`image_extent`) on which every budget of the chain fits. ``image = (span tokens, crops)`` stands for the
+    batch when ``visual`` is None (analytic FLOPs); without either, the config's largest image."""
     if options is not None:
         raise ValueError(f"{options.stage}() does not apply to llava_onevision models (one span per image / video, "
                          "one global ranking); pass the bare reducer spec")
     kind, frames = _kind(visual)
     P = cfg.vision.num_patches
-    S_full = span_size(cfg, kind, frames or 8)
     pre = [r for r in reducers if r.stage in ("vision", "projector")]
     for r in pre:
         if getattr(r, "temporal", False):
@@ -131,29 +193,50 @@ def reduced_static(cfg, reducers: tuple, options, ipr: int, visual) -> Onevision
                               "sequences (no single grid)")
     vis = [r for r in pre if r.stage == "vision"]
     proj = [r for r in pre if r.stage == "projector"]
+    if vis and proj:
+        raise NotImplementedError("llava_onevision: a vision-stage and a projector-stage reducer together are "
+                                  "not supported (the vision stage already packs the crops for the LLM)")
     Tc = 1 if visual is None else int(visual.pixel_values.shape[0])
-    need_t2i = any(getattr(r, "shallow_layers", 0) for r in proj)
-    if vis:
-        if proj:
-            raise NotImplementedError("llava_onevision: a vision-stage and a projector-stage reducer together are "
-                                      "not supported (the vision stage already packs the crops for the LLM)")
-        n_seg = {"image": _max_crops(cfg), "multi": 1, "video": frames or 8}[kind]
-        specs = tuple(_vision_spec(r.per_segment(n_seg)) for r in vis)
-        k = P + 1
-        for r in specs:
-            k = 1 + r.output_tokens(k - 1)  # placeholder CLS + kept tokens (incl. the CLS copy)
-        per = k - 2  # both CLS copies dropped
-        if per < 1:
-            raise BudgetError(f"{type(vis[0]).__name__}: no patch left per crop")
-        crops = n_seg  # static per config: every image span has the pinpoints' maximum crop slots
-        S = crops * per + (1 if kind == "video" else 0)
-        return OnevisionStatic(Tc=Tc, K=0, P=P, ipr=ipr, S=S, S_h=S, V=S, S_full=S_full, kind=kind, specs=specs,
-                               vision=True, crops=crops)
+    if kind == "image":
+        longest, most = image_extent(cfg, visual, image)
+        sizes, slots = ladder(longest, cfg.max_image_tokens), ladder(most, _max_crops(cfg))
+    else:
+        sizes, slots = (span_size(cfg, kind, frames or 8),), ({"multi": 1, "video": frames or 8}[kind],)
+    base = dict(Tc=Tc, K=0, P=P, ipr=ipr, kind=kind)
+    err = None
+    for n in (slots if vis else sizes):  # the smallest size on which the chain's budgets fit
+        try:
+            if vis:
+                st = _vision_layout(vis, kind, P, n, base, S_full=sizes[0])
+            else:
+                st = _projector_layout(proj, n, base)
+            _llm_fits(reducers, ipr, st.V)
+            return st
+        except BudgetError as e:
+            err = e
+    raise err
+
+
+def _vision_layout(vis: list, kind: str, P: int, crops: int, base: dict, S_full: int) -> OnevisionStatic:
+    """Vision-stage chain per crop slot / frame (``crops`` per span; the budget split with ``per_segment``)."""
+    specs = tuple(_vision_spec(r.per_segment(crops)) for r in vis)
+    k = P + 1
+    for r in specs:
+        k = 1 + r.output_tokens(k - 1)  # placeholder CLS + kept tokens (incl. the CLS copy)
+    per = k - 2  # both CLS copies dropped
+    if per < 1:
+        raise BudgetError(f"{type(vis[0]).__name__}: no patch left per crop")
+    S = crops * per + (1 if kind == "video" else 0)
+    return OnevisionStatic(**base, S=S, S_h=S, V=S, S_full=S_full, specs=specs, vision=True, crops=crops)
+
+
+def _projector_layout(proj: list, S_full: int, base: dict) -> OnevisionStatic:
+    """Projector-stage chain over one span of ``S_full`` slots (none: the in-LLM reducers see the whole span)."""
     S = S_full
     for r in proj:
         S = r.output_tokens(S)
-    return OnevisionStatic(Tc=Tc, K=0, P=P, ipr=ipr, S=S, S_h=S_full if need_t2i else S, V=S, S_full=S_full,
-                           kind=kind, specs=tuple(proj))
+    need_t2i = any(getattr(r, "shallow_layers", 0) for r in proj)
+    return OnevisionStatic(**base, S=S, S_h=S_full if need_t2i else S, V=S, S_full=S_full, specs=tuple(proj))
 
 
 def _max_crops(cfg) -> int:
