@@ -98,9 +98,9 @@ def test_causal_block_sizes():
 
 
 def test_default_sizes_pick_the_schedules(monkeypatch):
-    """The production thresholds: a decode step stays one pass, causal prefills (LLaVA-1.5's 672 tokens, NeXT's
-    3008) take the causal flash schedule, CLIP's 577 tokens query blocks, a long non-causal call the flash loop
-    (checked on the traced program, nothing run)."""
+    """The production thresholds: a decode step stays one pass, LLaVA-1.5's 672-token causal prefill and CLIP's 577
+    tokens take query blocks, NeXT's 3008-token causal prefill the causal flash schedule, a long non-causal call
+    the flash loop (checked on the traced program, nothing run)."""
     seen = []
     for name in ("_dense_cpu", "_qblocks_cpu", "_flash_cpu", "_causal_flash_cpu"):
         real = getattr(A, name)
@@ -109,4 +109,4 @@ def test_default_sizes_pick_the_schedules(monkeypatch):
         q = jax.ShapeDtypeStruct((1, T, 8, 64), jnp.float32)
         kv = jax.ShapeDtypeStruct((1, S, 8, 64), jnp.float32)
         jax.eval_shape(lambda q, k, v: A.attention_cpu(q, k, v, None, c), q, kv, kv)
-    assert seen == ["_dense_cpu", "_causal_flash_cpu", "_causal_flash_cpu", "_qblocks_cpu", "_flash_cpu"]
+    assert seen == ["_dense_cpu", "_qblocks_cpu", "_causal_flash_cpu", "_qblocks_cpu", "_flash_cpu"]

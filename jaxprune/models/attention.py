@@ -79,14 +79,18 @@ def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     default, chosen by the static shapes:
 
     * ``T < CPU_BLOCKED_MIN_T`` (decode steps, short prompts): one einsum pass (:func:`_dense_cpu`);
-    * a causal prefill (``causal`` and ``T == S``; LLaVA's 672 and NeXT's 3008 tokens): flash attention on
+    * ``T * S <= CPU_LOOP_MIN_TS`` (up to 1024 x 1024; LLaVA-1.5's 672-token prefill, CLIP): static query blocks
+      of ``CPU_Q_BLOCK`` rows, each a head-major einsum + softmax over the keys it may see (causal: the keys
+      before the block's end) (:func:`_qblocks_cpu`). At 672 causal tokens it takes 6.8 ms per layer against
+      10.6 ms for the flash loop below (2 EPYC cores; 11.7 vs 16.4 ms on 2 Xeon cores:
+      ``experiments/results/stages_cpu_epyc.md``, ``stages_cpu.md``): the loop's body runs on one thread;
+    * a longer causal prefill (``causal`` and ``T == S``; NeXT's 3008 tokens): flash attention on
       square blocks of :func:`causal_block` rows (:func:`_causal_flash_cpu`): a loop over query blocks, each an
       online softmax over the key blocks strictly below the diagonal (key validity as an additive bias, no
       mask) and then its diagonal block (the one masked block); the blocks above the diagonal are never
       computed and the ``T x S`` scores never materialised;
-    * otherwise (CLIP: every query sees every valid key) static query blocks of ``CPU_Q_BLOCK`` rows, each a
-      head-major einsum + softmax (:func:`_qblocks_cpu`), or beyond ``T * S > CPU_LOOP_MIN_TS`` a flash loop
-      over key blocks (:func:`_flash_cpu`).
+    * a longer non-causal one (every query sees every valid key): a flash loop over key blocks
+      (:func:`_flash_cpu`).
 
     ``causal`` promises that ``mask`` is a causal prefill mask as :func:`causal_mask` builds it (``mask[b, 0, t,
     s] = s <= t and key_valid[b, s]``): the causal schedule reads the key validity from the mask's last row.
@@ -98,8 +102,7 @@ def attention_cpu(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     T, S = q.shape[1], k.shape[1]
     causal = causal and T == S
     if schedule is None:
-        schedule = ("dense" if T < CPU_BLOCKED_MIN_T else "flash" if causal or T * S > CPU_LOOP_MIN_TS
-                    else "qblocks")
+        schedule = "dense" if T < CPU_BLOCKED_MIN_T else "flash" if T * S > CPU_LOOP_MIN_TS else "qblocks"
     if schedule not in CPU_SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: expected one of {CPU_SCHEDULES}")
     if schedule == "dense":
