@@ -395,8 +395,10 @@ def markdown(cfg: LlavaConfig, counts: dict, data: dict, table: list, quiet, cmd
         ("- FLOPs limit = FLOPs_full / FLOPs_row with `jaxprune.flops`' counts (SwiGLU decoder with GQA widths, LM "
          "head on the last token, the tower on every crop slot the program computes incl. the bucket's padding crop, "
          "projector on every patch, in-LLM cut selection, ConsensusDrop's shallow pass); attention is counted as the "
-         "full T x T square while the CPU causal-flash schedule computes about half of it, so a row whose full side "
-         "is dominated by long-sequence attention can exceed this limit somewhat"),
+         "full T x T square (the CPU causal flash schedule computes about half of it, which lowers the full row's time "
+         "against its count); a realized speedup above the limit would mean the full row ran a slower kernel per "
+         "FLOP than the reduced one (long causal attention: `experiments/results/gpu_cpu_reduced.md`), one below "
+         "it that the unreduced parts (tower, first layers) run slower per FLOP than the pruned decoder"),
         "- the machine may be shared: absolute times carry its load (see the load line); the paired speedups are the "
         "robust figures",
         *[f"\n{n}" for n in a.note],
