@@ -125,7 +125,7 @@ def alignment(runner: Runner, questions: list) -> dict:
     from jaxprune.eval.batching import load_pixels
     from jaxprune.eval.synthvqa.scene import COLOUR_NAMES, SHAPES
     from jaxprune.eval.synthvqa.targets import prior_for_question_id
-    from jaxprune.reducers._core import cosine_similarity, masked_softmax
+    from jaxprune.reducers import cosine_similarity, masked_softmax
 
     m = runner.model.module
     V = runner.model.cfg.text.vocab_size

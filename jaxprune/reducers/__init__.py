@@ -18,8 +18,8 @@ adding a file is all it takes. Modules without ``__all__`` (the framework: ``bas
 import importlib
 import pkgutil
 
-from jaxprune.reducers._core import (complement_indices, cosine_similarity, gather, merge_into, select_topk,
-                                     uniform_indices)
+from jaxprune.reducers._core import (complement_indices, cosine_similarity, gather, masked_softmax, merge_into,
+                                     select_topk, uniform_indices)
 from jaxprune.reducers.base import BudgetError, ProjectorContext, Reduced, VisionContext
 from jaxprune.reducers.compose import Compose, compose
 from jaxprune.reducers.llm import LLMContext, LLMReduced
@@ -27,7 +27,8 @@ from jaxprune.reducers.options import NextOptions, VideoOptions, next_options, v
 
 _FRAMEWORK = ["BudgetError", "Compose", "LLMContext", "LLMReduced", "NextOptions", "ProjectorContext", "Reduced",
               "VideoOptions", "VisionContext", "compose", "next_options", "video_options",
-              "complement_indices", "cosine_similarity", "gather", "merge_into", "select_topk", "uniform_indices"]
+              "complement_indices", "cosine_similarity", "gather", "masked_softmax", "merge_into", "select_topk",
+              "uniform_indices"]
 
 
 def _discover() -> list[str]:
