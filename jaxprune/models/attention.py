@@ -57,10 +57,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                                         is_causal=causal and q.shape[1] == k.shape[1])
 
 
-#: CPU schedule sizes: query rows per block of the non-causal schedules, key slots per block of their flash
-#: loop, the shortest sequence that leaves the one-pass schedule, the ``T * S`` above which an attention
-#: (causal or not) takes a flash loop instead of query blocks, and the largest block of the causal flash schedule (measured on 2 Xeon /
-#: EPYC cores, 8 heads of 64, fp32: ``experiments/results/stages_cpu.md``).
+#: CPU schedule sizes: query rows per block of the query-block schedule, key slots per block of the non-causal
+#: flash loop, the shortest sequence that leaves the one-pass schedule, the ``T * S`` above which an attention
+#: (causal or not) takes a flash loop instead of query blocks, and the largest block of the causal flash
+#: schedule (measured on 2 Xeon / EPYC cores, 8 heads of 64, fp32: ``experiments/results/stages_cpu.md``,
+#: ``stages_cpu_epyc.md``).
 CPU_Q_BLOCK, CPU_K_BLOCK, CPU_BLOCKED_MIN_T, CPU_LOOP_MIN_TS, CPU_CAUSAL_BLOCK = 128, 256, 256, 1024 * 1024, 256
 
 
