@@ -227,10 +227,10 @@ def _measure(tmp: Path, model: str, n_questions: int, seed: int, style: str, sto
 def evaluate_properties(runs: dict, stops: dict, align: dict) -> list[dict]:
     """``[{name, value, threshold, pass}]`` from the measured figures (the issue's criteria)."""
     full = runs["full"]
-    out = [{"name": "full accuracy (%)", "value": full["accuracy"], "threshold": f">= {FULL_MIN}",
+    out = [{"name": "full accuracy (%)", "value": round(full["accuracy"], 1), "threshold": f">= {FULL_MIN}",
             "pass": full["accuracy"] >= FULL_MIN}]
     for t, v in full["per_type"].items():
-        out.append({"name": f"full accuracy, {t} (%)", "value": v, "threshold": f">= {TYPE_MIN}",
+        out.append({"name": f"full accuracy, {t} (%)", "value": round(v, 1), "threshold": f">= {TYPE_MIN}",
                     "pass": v >= TYPE_MIN})
     rel = 100.0 * runs["random_48"]["accuracy"] / max(full["accuracy"], 1e-9)
     out.append({"name": "random@48: % of full", "value": round(rel, 1), "threshold": f">= {RANDOM48_MIN}",
