@@ -197,10 +197,40 @@ def test_train_runs_every_new_stage_end_to_end(tmp_path):
 
     cfg = TrainConfig(n_train_images=8, tower_steps=1, tower_batch=4, caption_steps=2, caption_batch=4, steps=2,
                       batch=4, warmup=1, eval_every=1, n_val_images=4, scene_style="large", aug_prob=1.0,
-                      val_reduced=8)
+                      val_reduced=8, align_weight=1.0)
     model, log = train(cfg, log_path=tmp_path / "log.json")
     stages = [r.get("stage") for r in log]
     assert stages.count("caption") == 2 and stages.count("llava") == 2
     last = [r for r in log if r.get("stage") == "llava"][-1]
     assert "val_random8" in last and 0.0 <= last["val_random8"] <= 1.0 and np.isfinite(last["loss"])
     assert np.isfinite([r["caption_loss"] for r in log if r.get("stage") == "caption"]).all()
+    assert all(r["align_loss"] > 0 for r in log if r.get("stage") in ("caption", "llava"))
+
+
+def test_word_patch_loss_ranks_the_words_patches():
+    """The alignment term is low when a word's patches are the most similar to it, high when other patches are,
+    and ignores words absent from an image."""
+    import jax.numpy as jnp
+
+    from experiments.synthvqa.align import word_labels, word_patch_loss
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((3, 16)).astype(np.float32)  # 3 words
+    labels = np.zeros((1, 6, 3), bool)
+    labels[0, :2, 0] = True   # patches 0-1 show word 0
+    labels[0, 2:4, 1] = True  # patches 2-3 show word 1; word 2 absent
+    good = np.concatenate([emb[[0, 0, 1, 1]], rng.standard_normal((2, 16))]).astype(np.float32)[None]
+    bad = np.concatenate([emb[[1, 1, 0, 0]], rng.standard_normal((2, 16))]).astype(np.float32)[None]
+    lg, lb = float(word_patch_loss(jnp.asarray(good), jnp.asarray(emb), jnp.asarray(labels))), \
+        float(word_patch_loss(jnp.asarray(bad), jnp.asarray(emb), jnp.asarray(labels)))
+    assert lg < 0.05 < 2.0 < lb
+    # the absent word changes nothing; no word present anywhere -> 0
+    labels3 = labels.copy()
+    emb3 = emb.copy()
+    emb3[2] = good[0, 0]  # word 2 would be "aligned" with patch 0, but it is absent from the image
+    assert np.isclose(float(word_patch_loss(jnp.asarray(good), jnp.asarray(emb3), jnp.asarray(labels3))), lg,
+                      rtol=1e-5)
+    assert float(word_patch_loss(jnp.asarray(good), jnp.asarray(emb), jnp.zeros((1, 6, 3), bool))) == 0.0
+    # labels from the renderer's 1-based maps (0 = background)
+    lab = np.asarray(word_labels(jnp.asarray([[0, 1, 2]]), jnp.asarray([[0, 2, 2]]), 2, 2))
+    assert lab.tolist() == [[[False, False, False, False], [True, False, False, True], [False, True, False, True]]]

@@ -57,6 +57,7 @@ from jaxprune.eval.synthvqa.dataset import make_items, render_items
 from jaxprune.eval.synthvqa.questions import QTYPES, vocabulary
 from jaxprune.eval.synthvqa.scene import COLOUR_NAMES, SHAPES
 from experiments.synthvqa.augment import ReductionAug, augment_batch, mix_tokens, random_keep, reduce_rows
+from experiments.synthvqa.align import word_patch_loss, word_labels
 from experiments.synthvqa.captions import caption_loss, caption_pool
 from experiments.train.batches import collate, encode
 from experiments.train.loss import llava_logits, sequence_hits, token_xent, vision_hidden
@@ -135,6 +136,9 @@ class TrainConfig:
     aug_keep_positions: float = 0.3
     #: also report teacher-forced validation with every row reduced to this many random tokens (0: off)
     val_reduced: int = 0
+    #: weight of the word-to-patch alignment term (:mod:`experiments.synthvqa.align`) in the caption and the LLaVA
+    #: stages (frozen tower only); 0 = off
+    align_weight: float = 0.0
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -326,6 +330,7 @@ def make_steps(graphdef, cfg: TrainConfig, tower_opt, opt):
     def frozen_loss(train, vision, batch):
         m = nnx.merge(graphdef, dict(train, vision=vision))
         vis = m.projector(batch["feats"])  # [B, P, H]
+        la_align = _align_term(m, vis, batch) if cfg.align_weight else jnp.zeros(())
         if "mix" in batch:  # training-time reduction: merged tokens (dropped slots are invalid in batch["valid"])
             vis = mix_tokens(batch["mix"], vis)
         emb = m.merge(batch["ids"], vis)
@@ -341,9 +346,9 @@ def make_steps(graphdef, cfg: TrainConfig, tower_opt, opt):
         full = jax.vmap(lambda f, sl, t: f.at[:, sl].set(t))(full, img, batch["atarget"])  # [B, R, T]
         lat = attention_target_loss(q, k, val, batch["arow"], full)
         lat = lat + attention_target_loss(q0, k0, val, batch["arow"], batch["wtarget"])
-        metrics = dict(answer_loss=lt, question_loss=lq, attn_loss=lat,
+        metrics = dict(answer_loss=lt, question_loss=lq, attn_loss=lat, align_loss=la_align,
                        answer_exact=sequence_hits(logits, batch["labels"]).mean())
-        return lt + cfg.question_weight * lq + cfg.attn_weight * lat, metrics
+        return lt + cfg.question_weight * lq + cfg.attn_weight * lat + cfg.align_weight * la_align, metrics
 
     def frozen_step(train, vision, state, batch):
         (loss, metrics), g = jax.value_and_grad(frozen_loss, has_aux=True)(train, vision, batch)
@@ -368,17 +373,34 @@ def evaluate_features(graphdef, params: dict, batch: dict) -> jax.Array:
     return sequence_hits(logits, batch["labels"])
 
 
-def make_caption_step(graphdef, groups: tuple[str, ...], opt):
-    """Jitted caption step: only the parameter groups ``groups`` move (LLaVA stage 1: ``("projector",)``)."""
+def _align_term(m, vis: jax.Array, batch: dict) -> jax.Array:
+    """Word-to-patch alignment of projected tokens ``vis [B, P, H]`` (unreduced) with the LLM input embeddings of
+    the colour and shape words, labels from the batch's per-patch ``pcolour`` / ``pshape`` ``[B, P]``."""
+    emb = m.embed_text(jnp.asarray(align_word_ids())[None])[0]  # [W, H]
+    return word_patch_loss(vis, emb, word_labels(batch["pcolour"], batch["pshape"], len(COLOUR_NAMES), len(SHAPES)))
+
+
+@functools.cache
+def align_word_ids() -> np.ndarray:
+    """``[W]`` token ids of the 6 colour words then the 4 shape words (the alignment term's words)."""
+    tok = tokenizer()
+    return np.asarray([tok.convert_tokens_to_ids(w) for w in COLOUR_NAMES + SHAPES], np.int32)
+
+
+def make_caption_step(graphdef, groups: tuple[str, ...], opt, align_weight: float = 0.0):
+    """Jitted caption step: only the parameter groups ``groups`` move (LLaVA stage 1: ``("projector",)``), plus
+    ``align_weight`` x the word-to-patch alignment term when the batch carries ``pcolour`` / ``pshape``."""
     def loss_fn(train, frozen, batch):
         m = nnx.merge(graphdef, {**frozen, **train})
         loss, acc = caption_loss(m, batch["feats"], batch["ids"], batch["labels"], batch["valid"])
-        return loss, acc
+        la = _align_term(m, m.projector(batch["feats"]), batch) if align_weight else jnp.zeros(())
+        return loss + align_weight * la, (acc, loss, la)
 
     def step(train, frozen, state, batch):
-        (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(train, frozen, batch)
+        (_, (acc, loss, la)), g = jax.value_and_grad(loss_fn, has_aux=True)(train, frozen, batch)
         upd, state = opt.update(g, state, train)
-        return optax.apply_updates(train, upd), state, {"caption_loss": loss, "caption_token_acc": acc}
+        return optax.apply_updates(train, upd), state, {"caption_loss": loss, "caption_token_acc": acc,
+                                                        "align_loss": la}
 
     return jax.jit(step, donate_argnums=(0, 2))
 
@@ -452,8 +474,9 @@ def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = Non
 def _train(cfg: TrainConfig, out: Path | None, log_path: Path | None) -> tuple[jp.Llava, list[dict]]:
     tok = tokenizer()
     t0 = time.time()
-    if (cfg.caption_steps or cfg.aug_prob or cfg.val_reduced) and not cfg.freeze_tower:
-        raise ValueError("caption_steps / aug_prob / val_reduced run on frozen-tower features: set freeze_tower")
+    if (cfg.caption_steps or cfg.aug_prob or cfg.val_reduced or cfg.align_weight) and not cfg.freeze_tower:
+        raise ValueError("caption_steps / aug_prob / val_reduced / align_weight run on frozen-tower features: set "
+                         "freeze_tower")
     aug = ReductionAug(cfg.aug_prob, cfg.aug_min_keep, cfg.aug_merge, cfg.aug_keep_positions)
     pool = build_pool("train", cfg.seed, cfg.n_train_images, tok, multi_turn=cfg.multi_turn, style=cfg.scene_style)
     phases = parse_curriculum(cfg.curriculum)
@@ -516,7 +539,8 @@ def _train(cfg: TrainConfig, out: Path | None, log_path: Path | None) -> tuple[j
         if cfg.freeze_tower:
             b = {k: b[k] for k in ("ids", "labels", "qlabels", "valid", "positions")} | {
                 "feats": src.feats[src.q_image[b["rows"]]], "arow": src.arow[b["rows"]],
-                "atarget": src.atarget[b["rows"]], "wtarget": src.wtarget[b["rows"]]}
+                "atarget": src.atarget[b["rows"]], "wtarget": src.wtarget[b["rows"]],
+                "pcolour": src.colour[src.q_image[b["rows"]]], "pshape": src.shape[src.q_image[b["rows"]]]}
             if aug.prob > 0:
                 b = augment_batch(aug_rng, b, aug, _G, MODEL_CFG.image_token_index)
             train_p, state, met = frozen_step(train_p, vision, state, b)
@@ -560,12 +584,13 @@ def caption_stage(cfg: TrainConfig, graphdef, params: dict, pool: Pool, tok, log
     train_p = {g: params[g] for g in groups}
     frozen = {k: v for k, v in params.items() if k not in groups}
     state = opt.init(train_p)
-    step_fn = make_caption_step(graphdef, groups, opt)
+    step_fn = make_caption_step(graphdef, groups, opt, cfg.align_weight)
     rng = np.random.default_rng([cfg.seed, 5])
     t0 = time.time()
     for step in range(cfg.caption_steps):
         i = rng.integers(0, len(ids), cfg.caption_batch)
-        b = {"feats": pool.feats[i], "ids": ids[i], "labels": labels[i], "valid": valid[i]}
+        b = {"feats": pool.feats[i], "ids": ids[i], "labels": labels[i], "valid": valid[i],
+             "pcolour": pool.colour[i], "pshape": pool.shape[i]}
         train_p, state, met = step_fn(train_p, frozen, state, b)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.caption_steps:
             log.append({"stage": "caption", "step": step + 1, "seconds": round(time.time() - t0, 1),
