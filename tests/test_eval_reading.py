@@ -36,7 +36,7 @@ def test_reading_lines_pick_the_best_method_and_quote_the_oracle():
             "fastv:48": mk(18)}
     (line,) = reading_lines(runs, hits)  # no random at 48: no line there
     assert line.startswith("16 tokens: best dart 75.0%, +25.0 pts over random (50.0%), 95% CI [")  # tie: dart < fastv
-    assert "20 questions" in line and line.endswith("upper bound oracle 100.0%")
+    assert "20 questions" in line and line.endswith("upper bound for pre-LLM selection: oracle 100.0%")
 
 
 def test_question_hits_score_each_answer_alone(tmp_path):
@@ -60,4 +60,4 @@ def test_cli_prints_the_reading(tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert rc == 0 and "Reading (best method per budget vs random pruning):" in out
-    assert "8 tokens: best fastervlm" in out and "(paired bootstrap, 8 questions); upper bound oracle" in out
+    assert "8 tokens: best fastervlm" in out and "(paired bootstrap, 8 questions); upper bound for pre-LLM selection: oracle" in out

@@ -9,7 +9,9 @@ with a paired bootstrap confidence interval over the questions (what the default
   ``n_boot`` draws, fixed seed: the same files give the same line).
 * "Best method": the highest accuracy among the runs at that budget other than ``random`` and upper bounds
   (:data:`UPPER_BOUNDS`: the synthvqa ``oracle``, which reads the answer's location); ties go to the name first in
-  alphabetical order. The oracle, when run, is quoted beside it as the ceiling.
+  alphabetical order. The oracle, when run, is quoted beside it as the ceiling of *which tokens reach the LLM*
+  (pre-LLM selection at that count); in-LLM methods (FastV, ADSC, ...) let the first decoder layers see every
+  token, so they can score above it.
 """
 
 from __future__ import annotations
@@ -81,5 +83,5 @@ def reading_lines(runs: Sequence[Mapping[str, Any]], hits: Mapping[str, Mapping[
         line = (f"{budget} tokens: best {best} {acc[best]:.1f}%, {diff:+.1f} pts over random ({acc['random']:.1f}%), "
                 f"95% CI [{lo:+.1f}, {hi:+.1f}] (paired bootstrap, {len(keys)} questions)")
         bounds = [f"{n} {acc[n]:.1f}%" for n in UPPER_BOUNDS if n in acc]
-        lines.append(line + (f"; upper bound {', '.join(bounds)}" if bounds else ""))
+        lines.append(line + (f"; upper bound for pre-LLM selection: {', '.join(bounds)}" if bounds else ""))
     return lines
