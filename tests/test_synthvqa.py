@@ -186,7 +186,9 @@ def test_builtin_benchmark_and_default_switch(cache, standin, tmp_path, monkeypa
     path = builtin.ensure_benchmark("synthvqa")
     assert path.parent == cache and builtin.ensure_benchmark("synthvqa") == path
     qs = get_benchmark("synthvqa").load(path)
-    assert len(qs) == builtin.SYNTHVQA_QUESTIONS and qs[0].key == "test_0_000000_" + make_item("test", 0, 0).qas[0].qtype
+    style = builtin.synthvqa_style()
+    first = make_item("test", 0, 0, style=style)
+    assert len(qs) == builtin.SYNTHVQA_QUESTIONS and qs[0].key == first.image_id + "_" + first.qas[0].qtype
     monkeypatch.setenv(builtin.CHECKPOINT_ENV, str(tmp_path / "nothing"))
     # a missing checkpoint is an error naming it, never a silent switch to the random demo model (issue 14)
     assert builtin.default_model() == "synthvqa"
@@ -198,8 +200,35 @@ def test_builtin_benchmark_and_default_switch(cache, standin, tmp_path, monkeypa
     assert cfg.model == "synthvqa" and cfg.batch_size == 4 and cfg.benchmarks[0].name == "synthvqa"
     assert cfg.benchmarks[0].data == str(path) and cfg.runs[0].is_full
     assert {r.name for r in cfg.reducers} == {r.split(":")[0] for r in builtin.DEFAULT_RUNS["synthvqa"].reducers}
-    assert {"random", "fastv", "fastervlm"} <= {r.name for r in cfg.reducers}
-    assert all(r.budget in (16, 8) for r in cfg.reducers)
+    # issue 16: the four seed methods, FastV, VisionZip, random and the oracle, each at 48 and 16 of 144 tokens
+    assert {r.label for r in cfg.reducers} == {f"{n}:{b}" for n in ("consensusdrop", "visiondrop", "adafv",
+                                                                    "adsc_final", "fastv", "visionzip", "random",
+                                                                    "oracle") for b in (48, 16)}
+
+
+def test_builtin_benchmark_follows_the_checkpoints_scene_style(cache, standin, tmp_path, monkeypatch):
+    """The checkpoint's synthvqa.json names its training scene style; the built-in benchmark is generated in it
+    (no file: grid); a bad file is an error naming it."""
+    import shutil
+
+    from jaxprune.eval import builtin
+    from jaxprune.eval.benchmarks import get_benchmark
+    from jaxprune.eval.config import ConfigError
+
+    ck = tmp_path / "ck"
+    shutil.copytree(standin, ck)
+    (ck / builtin.STYLE_FILE).unlink(missing_ok=True)
+    monkeypatch.setenv(builtin.CHECKPOINT_ENV, str(ck))
+    assert builtin.synthvqa_style() == "grid" and builtin.model_style(str(ck)) == "grid"
+    (ck / builtin.STYLE_FILE).write_text('{"scene_style": "large"}')
+    assert builtin.synthvqa_style() == "large" and builtin.model_style("synthvqa") == "large"
+    qs = get_benchmark("synthvqa").load(builtin.ensure_benchmark("synthvqa"))
+    assert len(qs) == builtin.SYNTHVQA_QUESTIONS and all("_large_" in q.key for q in qs)
+    for bad, msg in (('{"scene_style": "huge"}', "huge"), ("not json", "JSON")):
+        (ck / builtin.STYLE_FILE).write_text(bad)
+        with pytest.raises(ConfigError, match=msg) as e:
+            builtin.synthvqa_style()
+        assert builtin.STYLE_FILE in str(e.value)
 
 
 def test_builtin_model_is_keyed_by_the_checkpoint_bytes(cache, standin, tmp_path, monkeypatch):

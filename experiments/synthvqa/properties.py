@@ -1,11 +1,11 @@
 """Model-level properties of a synthetic-VQA LLaVA (issue #16): does it behave like real LLaVA under token reduction?
 
-    python -m experiments.synthvqa.properties [--model synthvqa] [--n-questions 1000] [--seed 0] [--style grid]
+    python -m experiments.synthvqa.properties [--model synthvqa] [--n-questions 1000] [--seed 0] [--style STYLE]
         [--out experiments/results/synthvqa_properties]
 
 Measured before any reducer comparison, on the first ``--n-questions`` questions of the test split (seed
-``--seed``, scene style ``--style``), with the evaluation harness' own prompts, preprocessing (its batching
-functions), greedy decoding and scorer:
+``--seed``, scene style ``--style``: default the model's, from its ``synthvqa.json``), with the evaluation
+harness' own prompts, preprocessing (its batching functions), greedy decoding and scorer:
 
 1. **accuracy**: full model overall >= 92 % and every question type >= 85 %;
 2. **robustness**: ``random`` at 48 of 144 tokens keeps >= 85 % of the full accuracy; the ``oracle`` at 16 keeps
@@ -283,13 +283,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="synthvqa", help="model directory or built-in name (default: the shipped one)")
     ap.add_argument("--n-questions", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--style", default="grid")
+    ap.add_argument("--style", default=None, help="scene style of the test images (default: the model's, from its "
+                    "synthvqa.json; grid without one)")
     ap.add_argument("--stop-reducers", nargs="+", default=list(DEFAULT_STOP_REDUCERS))
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n-alignment", type=int, default=None, help="questions for the AUCs (default: all)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/synthvqa_properties"))
     a = ap.parse_args(argv)
-    res = measure(a.model, a.n_questions, a.seed, a.style, tuple(a.stop_reducers), a.batch_size, a.n_alignment)
+    from jaxprune.eval.builtin import model_style
+
+    res = measure(a.model, a.n_questions, a.seed, a.style or model_style(a.model), tuple(a.stop_reducers), a.batch_size, a.n_alignment)
     js, md = write(res, a.out)
     print(md.read_text())
     return res

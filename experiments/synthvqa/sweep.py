@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=60, help="test images per seed (up to 4 questions each)")
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     ap.add_argument("--reducers", nargs="+", default=registry.names(benchmark="synthvqa"))
-    ap.add_argument("--style", default="grid", help="scene style of the test images (the model's training style)")
+    ap.add_argument("--style", default=None, help="scene style of the test images (default: the model's training "
+                    "style, from its synthvqa.json; grid without one)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=RESULTS / "synthvqa")
     ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json (no runs)")
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.render:
         a.out.with_suffix(".md").write_text(markdown(json.loads(a.out.with_suffix(".json").read_text())))
         return
-    run(a.model, a.seeds, a.images, a.budgets, a.reducers, a.out, a.batch_size, a.style)
+    from jaxprune.eval.builtin import model_style
+
+    run(a.model, a.seeds, a.images, a.budgets, a.reducers, a.out, a.batch_size, a.style or model_style(a.model))
 
 
 if __name__ == "__main__":

@@ -565,7 +565,7 @@ def _train(cfg: TrainConfig, out: Path | None, log_path: Path | None) -> tuple[j
     trained = jp.Llava.from_params(MODEL_CFG, _flat(params))
     log.append({"event": "done", "total_seconds": round(time.time() - t0, 1)})
     if out is not None:
-        export(trained, out)
+        export(trained, out, cfg.scene_style)
     if log_path is not None:
         log_path.write_text(json.dumps(log, indent=1))
     return trained, log
@@ -643,11 +643,13 @@ def _flat(params: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def export(model: jp.Llava, dst: Path) -> Path:
-    """HF LLaVA checkpoint (legacy keys, fp32 safetensors) + tokenizer + preprocessor config in ``dst``."""
+def export(model: jp.Llava, dst: Path, scene_style: str = "grid") -> Path:
+    """HF LLaVA checkpoint (legacy keys, fp32 safetensors) + tokenizer + preprocessor config in ``dst``, and the
+    scene style it was trained on (:data:`jaxprune.eval.builtin.STYLE_FILE`: the built-in benchmark follows it)."""
     import tempfile
 
     from jaxprune.checkpoints import export_hf
+    from jaxprune.eval.builtin import STYLE_FILE
 
     with tempfile.TemporaryDirectory() as d:
         sup = save_word_tokenizer(tokenizer().backend_tokenizer, Path(d) / "tok")
@@ -658,6 +660,7 @@ def export(model: jp.Llava, dst: Path) -> Path:
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(OPENAI_CLIP_MEAN),
             "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True}, indent=2))
         export_hf(MODEL_CFG, model.flat_params(), dst, layout="legacy", support_dir=sup, force=True)
+    (dst / STYLE_FILE).write_text(json.dumps({"scene_style": scene_style}) + "\n")
     return dst
 
 

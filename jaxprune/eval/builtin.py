@@ -37,6 +37,9 @@ import numpy as np
 #: Where the trained synthvqa model's HF checkpoint is shipped (``$JAXPRUNE_SYNTHVQA_CHECKPOINT`` overrides).
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "synthvqa" / "checkpoint"
 CHECKPOINT_ENV = "JAXPRUNE_SYNTHVQA_CHECKPOINT"
+#: File in a synthvqa checkpoint naming the scene style it was trained on (``{"scene_style": "large"}``); the
+#: built-in benchmark is generated in that style (absent: ``"grid"``, the v1-v9 models').
+STYLE_FILE = "synthvqa.json"
 #: Size of the built-in synthvqa benchmark: the first N questions of the test split, seed 0.
 SYNTHVQA_QUESTIONS = 256
 SYNTHVQA_SEED = 0
@@ -52,13 +55,21 @@ class DefaultRun:
     batch_size: int
 
 
+#: the default job's methods on synthvqa: the four this library is built around (ADSC as ``adsc_final``) ...
+SEED_METHODS: tuple[str, ...] = ("consensusdrop", "visiondrop", "adafv", "adsc_final")
+#: ... and what they are read against: FastV, VisionZip, random pruning and the oracle (the pre-LLM upper bound)
+CONTROLS: tuple[str, ...] = ("fastv", "visionzip", "random", "oracle")
+
 DEFAULT_RUNS: dict[str, DefaultRun] = {
     "demo": DefaultRun("shapes", ("fastervlm:48", "fastervlm:16", "visionzip:48", "visionzip:16", "fastv:48"),
                        8, 8),
-    # 5 reduced runs: compiling each run's programs dominates the time (about 5 CPU-seconds a run), not the
-    # 256 questions (about 1 s a run); the persistent compilation cache (enable_compile_cache) speeds up re-runs.
-    # The picks show the spread of experiments/results/synthvqa.md at 16 and 8 tokens (= 64 and 32 of 576).
-    "synthvqa": DefaultRun("synthvqa", ("fastv:16", "fastv:8", "fastervlm:8", "divprune:8", "random:8"), 4, 16),
+    # Issue 16: the four seed methods (ConsensusDrop, VisionDrop, AdaFV, ADSC), FastV, VisionZip, random and the
+    # oracle at 48 and 16 of 144 tokens (= 192 and 64 of 576). ADSC runs as ``adsc_final`` (budget = tokens left
+    # after its last cut, FastV's convention): its *average* budget cannot go below ~37 on the 4-layer decoder.
+    # Compiling each run's programs dominates the time (1.5-8 s a run on 2 cores), not the 256 questions; the
+    # persistent compilation cache (enable_compile_cache) makes re-runs faster.
+    "synthvqa": DefaultRun("synthvqa", tuple(f"{name}:{budget}" for name in SEED_METHODS + CONTROLS
+                                             for budget in (48, 16)), 4, 16),
 }
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 30),
@@ -70,6 +81,31 @@ def synthvqa_checkpoint() -> Path:
     """The synthvqa model's HF checkpoint directory (``$JAXPRUNE_SYNTHVQA_CHECKPOINT``, else the shipped one)."""
     env = os.environ.get(CHECKPOINT_ENV)
     return Path(env).expanduser() if env else SHIPPED_CHECKPOINT
+
+
+def synthvqa_style(src: str | Path | None = None) -> str:
+    """The scene style a synthvqa checkpoint (default: :func:`synthvqa_checkpoint`) was trained on, from its
+    :data:`STYLE_FILE` (``"grid"`` when the file is absent); an unreadable file or an unknown style is a
+    :class:`~jaxprune.eval.config.ConfigError` naming the file."""
+    from .config import ConfigError
+    from .synthvqa.scene import STYLES
+
+    f = Path(src if src is not None else synthvqa_checkpoint()) / STYLE_FILE
+    if not f.is_file():
+        return "grid"
+    try:
+        style = json.loads(f.read_text(encoding="utf-8")).get("scene_style", "grid")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f}: not a JSON object with 'scene_style' ({e})") from None
+    if style not in STYLES:
+        raise ConfigError(f"{f}: scene_style={style!r} is not one of {STYLES}")
+    return style
+
+
+def model_style(model: str) -> str:
+    """:func:`synthvqa_style` of ``model``: the built-in ``synthvqa`` (its checkpoint) or a checkpoint directory
+    (``"grid"`` for anything without :data:`STYLE_FILE`)."""
+    return synthvqa_style(synthvqa_checkpoint() if model == "synthvqa" else Path(model))
 
 
 def synthvqa_available() -> bool:
@@ -263,14 +299,16 @@ def _synthvqa_bench_key() -> str:
     h = hashlib.sha256()
     for name in ("scene.py", "questions.py", "dataset.py", "export.py"):
         h.update(name.encode() + b"\0" + (src / name).read_bytes())
-    return f"synthvqa-test-{SYNTHVQA_SEED}-{SYNTHVQA_QUESTIONS}-{h.hexdigest()}"
+    return f"synthvqa-test-{SYNTHVQA_SEED}-{SYNTHVQA_QUESTIONS}-{synthvqa_style()}-{h.hexdigest()}"
 
 
 def write_synthvqa_benchmark(dst: str | Path) -> Path:
-    """The built-in synthvqa benchmark: the first :data:`SYNTHVQA_QUESTIONS` test questions (seed 0)."""
+    """The built-in synthvqa benchmark: the first :data:`SYNTHVQA_QUESTIONS` test questions (seed 0), in the scene
+    style of the synthvqa checkpoint (:func:`synthvqa_style`)."""
     from jaxprune.eval.synthvqa.export import write_benchmark
 
-    return write_benchmark(dst, "test", SYNTHVQA_SEED, n_images=None, n_questions=SYNTHVQA_QUESTIONS)
+    return write_benchmark(dst, "test", SYNTHVQA_SEED, n_images=None, n_questions=SYNTHVQA_QUESTIONS,
+                           style=synthvqa_style())
 
 
 #: name -> (benchmark name it is loaded with, cache-key function, builder(dst))
