@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 
-from experiments.synthvqa.properties import evaluate_properties, measure, roc_auc, stopped_within, write
+from experiments.synthvqa.properties import (combine, evaluate_properties, measure, roc_auc, stopped_within, write,
+                                            write_seeds)
 
 
 def test_roc_auc_is_the_pairwise_probability_with_half_ties():
@@ -54,3 +55,16 @@ def test_measure_on_a_random_model_writes_every_figure(tmp_path):
     assert json.loads(js.read_text())["n_questions"] == 8
     text = md.read_text()
     assert "| full accuracy (%) |" in text and "AdaFV similarity ROC-AUC, shape words" in text
+    # several data seeds: a property passes only if it passes on every seed
+    other = json.loads(json.dumps(res))
+    other["seed"] = 7
+    other["properties"][0] = dict(other["properties"][0], value=99.9, **{"pass": not res["properties"][0]["pass"]})
+    both = combine([res, other])
+    assert both["seeds"] == [0, 7] and len(both["properties"]) == len(res["properties"])
+    assert both["properties"][0]["values"] == [res["properties"][0]["value"], 99.9]
+    assert both["properties"][0]["pass"] is False
+    assert [p["pass"] for p in both["properties"][1:]] == [p["pass"] for p in res["properties"][1:]]
+    js2, md2 = write_seeds(both, tmp_path / "out" / "seeds", "python -m experiments.synthvqa.properties --seeds 0 7")
+    text2 = md2.read_text()
+    assert "| property | seed 0 | seed 7 | threshold | pass |" in text2 and "Seed 7:" in text2
+    assert json.loads(js2.read_text())["per_seed"][1]["seed"] == 7

@@ -1,10 +1,10 @@
 """Model-level properties of a synthetic-VQA LLaVA (issue #16): does it behave like real LLaVA under token reduction?
 
-    python -m experiments.synthvqa.properties [--model synthvqa] [--n-questions 1000] [--seed 0] [--style STYLE]
+    python -m experiments.synthvqa.properties [--model synthvqa] [--n-questions 1000] [--seeds 0 1 2] [--style S]
         [--out experiments/results/synthvqa_properties]
 
-Measured before any reducer comparison, on the first ``--n-questions`` questions of the test split (seed
-``--seed``, scene style ``--style``: default the model's, from its ``synthvqa.json``), with the evaluation
+Measured before any reducer comparison, on the first ``--n-questions`` questions of the test split (each
+seed of ``--seeds``, scene style ``--style``: default the model's, from its ``synthvqa.json``), with the evaluation
 harness' own prompts, preprocessing (its batching functions), greedy decoding and scorer:
 
 1. **accuracy**: full model overall >= 92 % and every question type >= 85 %;
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -249,6 +250,59 @@ def evaluate_properties(runs: dict, stops: dict, align: dict) -> list[dict]:
     return out
 
 
+def combine(results: list[dict]) -> dict:
+    """One result over several data seeds (``results`` from :func:`measure`, one per seed): each property with its
+    value per seed, passing only if it passes on every seed (the issue's "3 data seeds")."""
+    if not results:
+        raise ValueError("combine: no per-seed results")
+    names = [p["name"] for p in results[0]["properties"]]
+    props = []
+    for name in names:
+        per = [next(p for p in r["properties"] if p["name"] == name) for r in results]
+        props.append({"name": name, "values": [p["value"] for p in per], "threshold": per[0]["threshold"],
+                      "pass": all(p["pass"] for p in per)})
+    first = results[0]
+    return {"model": first["model"], "model_id": first["model_id"], "split": first["split"], "style": first["style"],
+            "seeds": [r["seed"] for r in results], "n_questions": first["n_questions"], "properties": props,
+            "per_seed": results, "total_seconds": round(sum(r["total_seconds"] for r in results), 1)}
+
+
+def write_seeds(combined: dict, out: Path, command: str) -> tuple[Path, Path]:
+    """``out.json`` / ``out.md`` of :func:`combine`: the property table over the seeds, then each seed's runs."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js, md = out.with_suffix(".json"), out.with_suffix(".md")
+    js.write_text(json.dumps(combined, indent=1) + "\n")
+    seeds = combined["seeds"]
+    lines = [f"# Model-level properties: {combined['model']} ({combined['model_id']})", "",
+             f"Test split, data seeds {', '.join(map(str, seeds))} (first {combined['n_questions']} questions of each), "
+             f"scene style {combined['style']}; `{command}` ({combined['total_seconds']} s on 2 CPU cores). "
+             "Thresholds from issue #16; a property passes only if it passes on every seed.", "",
+             "| property | " + " | ".join(f"seed {k}" for k in seeds) + " | threshold | pass |",
+             "|---|" + "---|" * len(seeds) + "---|---|"]
+    for p in combined["properties"]:
+        lines.append(f"| {p['name']} | " + " | ".join(str(v) for v in p["values"]) + f" | {p['threshold']} | "
+                     + ("yes" if p["pass"] else "**no**") + " |")
+    for r in combined["per_seed"]:
+        types = list(r["runs"]["full"]["per_type"])
+        lines += ["", f"Seed {r['seed']}:", "", "| run | accuracy | " + " | ".join(types) + " |",
+                  "|---|---|" + "---|" * len(types)]
+        for label, sc in r["runs"].items():
+            lines.append(f"| {label} | {sc['accuracy']:.1f} | " + " | ".join(f"{v:.1f}" for v in sc["per_type"].values())
+                         + " |")
+        a = r["alignment"]
+        lines.append("")
+        lines.append("AdaFV's whole text score (max over the question's words) for the asked object's patches, "
+                     "ROC-AUC per question type (not a criterion): " + ", ".join(
+                         f"{k} {v:.3f} (n={a['adafv_score_n_per_type'][k]})"
+                         for k, v in a["adafv_score_auc_per_type"].items() if v is not None) + ".")
+        for name, st in r["stop_at_8"].items():
+            if st["examples_not_stopped"]:
+                lines.append(f"- {name}@{STOP_BUDGET}, answers without `</s>` in {r['stop_limit_tokens']} tokens, "
+                             "e.g.: " + "; ".join(f"`{e}`" for e in st["examples_not_stopped"]))
+    md.write_text("\n".join(lines) + "\n")
+    return js, md
+
+
 def write(result: dict, out: Path) -> tuple[Path, Path]:
     """``out.json`` and ``out.md``."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="synthvqa", help="model directory or built-in name (default: the shipped one)")
     ap.add_argument("--n-questions", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="test-data seeds (each measured "
+                    "apart; a property passes only on all)")
     ap.add_argument("--style", default=None, help="scene style of the test images (default: the model's, from its "
                     "synthvqa.json; grid without one)")
     ap.add_argument("--stop-reducers", nargs="+", default=list(DEFAULT_STOP_REDUCERS))
@@ -292,8 +347,12 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     from jaxprune.eval.builtin import model_style
 
-    res = measure(a.model, a.n_questions, a.seed, a.style or model_style(a.model), tuple(a.stop_reducers), a.batch_size, a.n_alignment)
-    js, md = write(res, a.out)
+    style = a.style or model_style(a.model)
+    per_seed = [measure(a.model, a.n_questions, seed, style, tuple(a.stop_reducers), a.batch_size, a.n_alignment)
+                for seed in a.seeds]
+    res = combine(per_seed)
+    command = "python -m experiments.synthvqa.properties " + " ".join(argv if argv is not None else sys.argv[1:])
+    js, md = write_seeds(res, a.out, command.strip())
     print(md.read_text())
     return res
 
