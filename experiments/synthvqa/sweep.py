@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,16 +35,27 @@ BUDGETS = (48, 32, 16, 8)
 LLAVA_EQUIV = {48: 192, 32: 128, 16: 64, 8: 32}
 
 
+#: two-sided 95 % Student-t quantiles by degrees of freedom (seeds - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def ci95(xs: list[float]) -> float:
+    """Half-width of the 95 % confidence interval of the mean of ``xs`` (Student t over the seeds; nan for one)."""
+    if len(xs) < 2:
+        return float("nan")
+    return T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / len(xs) ** 0.5
+
+
 def _fmt(xs: list[float]) -> str:
     if not xs:
         return "n/a"
     if len(xs) == 1:
         return f"{xs[0]:.1f}"
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
+    return f"{statistics.mean(xs):.1f} ± {ci95(xs):.1f}"
 
 
 def run(model: str, seeds: list[int], n_images: int, budgets: list[int], reducers: list[str], out: Path,
-        batch_size: int = 64, style: str = "grid") -> dict:
+        batch_size: int = 64, style: str = "grid", command: str = "python -m experiments.synthvqa.sweep") -> dict:
     m, tok, model_id, model_dir = load_model(model)
     ctx = Context.create(m, tok, model_id, model_dir=model_dir)
     rows: list[dict] = []
@@ -61,8 +73,8 @@ def run(model: str, seeds: list[int], n_images: int, budgets: list[int], reducer
                              "n_questions": r["n_questions"], "score": r["score"]})
             skipped += [dict(s, seed=seed) for s in outcome.skipped]
             print(f"seed {seed}: {len(outcome.runs)} runs, {len(outcome.skipped)} skipped", flush=True)
-    result = {"model": model, "model_id": model_id, "seeds": seeds, "images_per_seed": n_images,
-              "budgets": budgets, "rows": rows, "skipped": skipped}
+    result = {"model": model, "model_id": model_id, "seeds": seeds, "images_per_seed": n_images, "style": style,
+              "command": command, "budgets": budgets, "rows": rows, "skipped": skipped}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown(result))
@@ -81,9 +93,10 @@ def markdown(res: dict) -> str:
     lines = [
         "# Synthetic VQA: accuracy vs visual-token budget",
         "",
-        f"Model `{res['model_id']}` (the shipped tiny LLaVA, 144 visual tokens). Test split, data seeds "
-        f"{res['seeds']}, {res['images_per_seed']} images per seed ({', '.join(map(str, nq))} questions). "
-        "Command: `python -m experiments.synthvqa.sweep`. Accuracy in %, mean ± sample std over the seeds.",
+        f"Model `{res['model_id']}` (144 visual tokens). Test split, scene style {res.get('style', 'grid')}, data "
+        f"seeds {res['seeds']}, {res['images_per_seed']} images per seed ({', '.join(map(str, nq))} questions). "
+        f"Command: `{res.get('command', 'python -m experiments.synthvqa.sweep')}`. Accuracy in %, mean over the "
+        "seeds ± the half-width of its 95 % confidence interval (Student t over the seed means).",
         "",
         f"Full model: **{_fmt(full)}**" + (f" (chance {chance:.1f})" if isinstance(chance, (int, float)) else ""),
         "",
@@ -147,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     from jaxprune.eval.builtin import model_style
 
-    run(a.model, a.seeds, a.images, a.budgets, a.reducers, a.out, a.batch_size, a.style or model_style(a.model))
+    command = " ".join(["python -m experiments.synthvqa.sweep", *(argv if argv is not None else sys.argv[1:])])
+    run(a.model, a.seeds, a.images, a.budgets, a.reducers, a.out, a.batch_size, a.style or model_style(a.model),
+        command)
 
 
 if __name__ == "__main__":
