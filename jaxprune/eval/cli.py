@@ -2,8 +2,10 @@
 
   jaxprune-eval                                    the default job: the tiny LLaVA trained on the synthetic VQA set
                                                    (shipped with jaxprune), 256 questions of its test split, the full
-                                                   model + reducers at 16/8 of 144 tokens; no downloads; prints the
-                                                   table (accuracy, % of full, TTFT, FLOPs, KV cache)
+                                                   model, ConsensusDrop, VisionDrop, AdaFV, ADSC, FastV, VisionZip,
+                                                   random and the oracle at 48 and 16 of 144 tokens; no downloads;
+                                                   prints the table (accuracy, % of full, TTFT, FLOPs, KV cache) and
+                                                   a one-line reading per budget
   jaxprune-eval --model synthvqa|demo              the default job of that built-in model ('demo' = random weights:
                                                    it tests the pipeline, its answers are noise)
   jaxprune-eval --model DIR --benchmark NAME --data ROOT [--reducer NAME:BUDGET ...] [--batch-size 8]

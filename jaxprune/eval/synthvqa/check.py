@@ -22,15 +22,20 @@ from jaxprune.eval.synthvqa.export import write_benchmark
 
 def evaluate_slice(model_dir: str | Path, n_questions: int = 200, seed: int = 0, split: str = "test",
                    reducer: str | None = None, batch_size: int = 16, max_new_tokens: int = 4,
-                   dtype: str = "float32", return_score: bool = False) -> Any:
+                   dtype: str = "float32", return_score: bool = False, style: str | None = None) -> Any:
     """Accuracy (percent, 0-100) of the model in ``model_dir`` (HF or converted directory with its tokenizer, or a
     built-in model name such as ``"synthvqa"``) on the first ``n_questions`` questions of ``(split, seed)``, through
     the evaluation harness (same prompts, preprocessing, greedy decoding and scorer as ``jaxprune-eval``).
 
     ``reducer``: ``"NAME:BUDGET"`` to score a reduced model instead of the full one. ``return_score``: return the
-    scorer's whole dict (per-type accuracy, chance levels) instead of the accuracy."""
+    scorer's whole dict (per-type accuracy, chance levels) instead of the accuracy. ``style``: the scene style of
+    the questions (default: the model's training style, :func:`jaxprune.eval.builtin.model_style`)."""
+    from jaxprune.eval.builtin import model_style
+
+    style = style or model_style(str(model_dir))
     with tempfile.TemporaryDirectory(prefix="synthvqa-slice-") as d:
-        data = write_benchmark(Path(d) / "data", split, seed, n_images=None, n_questions=n_questions)
+        data = write_benchmark(Path(d) / "data", split, seed, n_images=None, n_questions=n_questions,
+                              style=style)
         spec = ReducerSpec.parse(reducer) if reducer else None
         cfg = SweepConfig(model=str(model_dir), benchmarks=[BenchmarkSpec("synthvqa", str(data))],
                           reducers=[spec] if spec else [], full=spec is None, out=str(Path(d) / "out"),
