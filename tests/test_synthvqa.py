@@ -198,7 +198,8 @@ def test_builtin_benchmark_and_default_switch(cache, standin, tmp_path, monkeypa
     assert builtin.default_model() == "synthvqa"
     cfg = builtin.default_sweep(tmp_path, batch_size=4)
     assert cfg.model == "synthvqa" and cfg.batch_size == 4 and cfg.benchmarks[0].name == "synthvqa"
-    assert cfg.benchmarks[0].data == str(path) and cfg.runs[0].is_full
+    # the benchmark follows the checkpoint's scene style (the stand-in has no synthvqa.json: grid)
+    assert cfg.benchmarks[0].data == str(builtin.ensure_benchmark("synthvqa")) and cfg.runs[0].is_full
     assert {r.name for r in cfg.reducers} == {r.split(":")[0] for r in builtin.DEFAULT_RUNS["synthvqa"].reducers}
     # issue 16: the four seed methods, FastV, VisionZip, random and the oracle, each at 48 and 16 of 144 tokens
     assert {r.label for r in cfg.reducers} == {f"{n}:{b}" for n in ("consensusdrop", "visiondrop", "adafv",

@@ -130,6 +130,8 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {n} | " + " | ".join(
                     f"{statistics.mean(r['score']['per_type'].get(t, float('nan')) for r in sel):.0f}" for t in types)
                     + " |")
+    if res.get("reading"):  # written after looking at this run's figures (kept in the JSON with them)
+        lines += ["", "## Reading", "", *res["reading"]]
     lines += ["", "AdaFV (adafv) is run as the official code: a token chosen by both signals is fed to the LLM "
               "twice (`AdaFV(dedupe=False)`), which the synthetic model's count readout is sensitive to."]
     if res["skipped"]:
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images", type=int, default=60, help="test images per seed (up to 4 questions each)")
     ap.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
-    ap.add_argument("--reducers", nargs="+", default=registry.names(benchmark="synthvqa"))
+    ap.add_argument("--reducers", nargs="+", default=registry.names("llava", benchmark="synthvqa"))
     ap.add_argument("--style", default=None, help="scene style of the test images (default: the model's training "
                     "style, from its synthvqa.json; grid without one)")
     ap.add_argument("--batch-size", type=int, default=64)

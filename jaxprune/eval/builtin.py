@@ -41,7 +41,7 @@ CHECKPOINT_ENV = "JAXPRUNE_SYNTHVQA_CHECKPOINT"
 #: built-in benchmark is generated in that style (absent: ``"grid"``, the v1-v9 models').
 STYLE_FILE = "synthvqa.json"
 #: Size of the built-in synthvqa benchmark: the first N questions of the test split, seed 0.
-SYNTHVQA_QUESTIONS = 256
+SYNTHVQA_QUESTIONS = 192
 SYNTHVQA_SEED = 0
 
 
@@ -53,6 +53,7 @@ class DefaultRun:
     reducers: tuple[str, ...]      # ``name:budget`` specs run after the full model
     max_new_tokens: int
     batch_size: int
+    timing_reps: int = 5           # TTFT repeats per run
 
 
 #: the default job's methods on synthvqa: the four this library is built around (ADSC as ``adsc_final``) ...
@@ -69,7 +70,7 @@ DEFAULT_RUNS: dict[str, DefaultRun] = {
     # Compiling each run's programs dominates the time (1.5-8 s a run on 2 cores), not the 256 questions; the
     # persistent compilation cache (enable_compile_cache) makes re-runs faster.
     "synthvqa": DefaultRun("synthvqa", tuple(f"{name}:{budget}" for name in SEED_METHODS + CONTROLS
-                                             for budget in (48, 16)), 4, 16),
+                                             for budget in (48, 16)), 4, 16, timing_reps=3),
 }
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 30),
@@ -339,6 +340,6 @@ def default_sweep(out: str | Path, model: str | None = None, **overrides):
     bench = BUILTIN_BENCHMARKS[run.benchmark][0]
     kw = dict(model=model, benchmarks=[BenchmarkSpec(bench, str(ensure_benchmark(run.benchmark)))],
               reducers=[ReducerSpec.parse(r) for r in run.reducers], out=str(out),
-              max_new_tokens=run.max_new_tokens, batch_size=run.batch_size)
+              max_new_tokens=run.max_new_tokens, batch_size=run.batch_size, timing_reps=run.timing_reps)
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return SweepConfig(**kw)

@@ -3,8 +3,9 @@
 For each reducer name: rows = budgets (largest first), columns = sample images.  Each panel shows the
 preprocessed image (after LLaVA's pad-to-square and resize, de-normalised), patches whose token did not reach the
 LLM darkened, kept patches outlined.  The kept source patch indices come from the reducer plan's pre-LLM stage
-(``LlavaOutput.kept`` semantics: ``[N_img, k]``, -1 = empty slot / CLS).  For in-LLM reducers (FastV & co.) the
-selection happens inside the decoder and depends on the layer's attention: the panel then shows the tokens
+(``LlavaOutput.kept`` semantics: ``[N_img, k]``, -1 = empty slot / CLS).  Reducers that only cut inside the LLM
+(FastV, ADSC, PyramidDrop, DART) get no PNG: the LLM receives every visual token and the selection happens in
+the decoder, on the layer's attention. A reducer with a pre-LLM stage and later cuts (VisionDrop) shows the tokens
 entering the LLM and says so in its title.
 """
 
@@ -63,6 +64,20 @@ def _in_llm(reducer: Any) -> str | None:
     return ", ".join(f"layer {r.layer}" for r in cuts) if cuts else None
 
 
+def _only_in_llm(spec: ReducerSpec, cfg: Any) -> bool:
+    """True for a reducer that only cuts inside the LLM (FastV, ADSC, PyramidDrop, DART): the LLM receives every
+    visual token, so its overlay would show the whole image; no PNG is drawn for it."""
+    from jaxprune.engine import split_reducer
+
+    from .runner import make_reducer
+
+    try:
+        stages = [r.stage for r in split_reducer(make_reducer(spec, cfg))[0]]
+    except Exception:  # noqa: BLE001 - an unbuildable spec gets its panel with the error instead
+        return False
+    return bool(stages) and all(st == "llm" for st in stages)
+
+
 def draw_overlays(ctx: Any, specs: Sequence[ReducerSpec], samples: Sequence[Question], out_dir: str | Path
                   ) -> list[Path]:
     """One PNG per reducer name in ``specs`` (``out_dir/<name>.png``); returns the paths written."""
@@ -70,6 +85,7 @@ def draw_overlays(ctx: Any, specs: Sequence[ReducerSpec], samples: Sequence[Ques
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
     from .runner import make_reducer
@@ -88,7 +104,7 @@ def draw_overlays(ctx: Any, specs: Sequence[ReducerSpec], samples: Sequence[Ques
         return []
     by_name: dict[str, list[ReducerSpec]] = {}
     for s in specs:
-        if not s.is_full:
+        if not s.is_full and not _only_in_llm(s, cfg):
             by_name.setdefault(s.name, []).append(s)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +135,10 @@ def draw_overlays(ctx: Any, specs: Sequence[ReducerSpec], samples: Sequence[Ques
                 shade = np.full((grid, grid, 4), (0.0, 0.0, 0.0, 0.68), np.float32)
                 for k in idx:
                     shade[k // grid, k % grid, 3] = 0.0
-                    ax.add_patch(Rectangle(((k % grid) * cell, (k // grid) * cell), cell, cell, fill=False,
-                                           edgecolor=(1.0, 0.85, 0.1), linewidth=0.6))
+                # one collection for every outline (an artist per patch made each figure take about a second)
+                ax.add_collection(PatchCollection(
+                    [Rectangle(((k % grid) * cell, (k // grid) * cell), cell, cell) for k in idx],
+                    facecolor="none", edgecolor=(1.0, 0.85, 0.1), linewidth=0.6))
                 ax.imshow(shade, extent=(0, S, S, 0), interpolation="nearest")
                 n_tok = int(np.asarray(valid[j]).sum())
                 title = f"{spec.label}: {n_tok} tokens" + (f", {len(idx)} patches" if len(idx) != n_tok else "")
