@@ -67,7 +67,7 @@ DEFAULT_RUNS: dict[str, DefaultRun] = {
     # Issue 16: the four seed methods (ConsensusDrop, VisionDrop, AdaFV, ADSC), FastV, VisionZip, random and the
     # oracle at 48 and 16 of 144 tokens (= 192 and 64 of 576). ADSC runs as ``adsc_final`` (budget = tokens left
     # after its last cut, FastV's convention): its *average* budget cannot go below ~37 on the 4-layer decoder.
-    # Compiling each run's programs dominates the time (1.5-8 s a run on 2 cores), not the 256 questions; the
+    # Compiling each run's programs dominates the time (1.5-8 s a run on 2 cores), not the 192 questions; the
     # persistent compilation cache (enable_compile_cache) makes re-runs faster.
     "synthvqa": DefaultRun("synthvqa", tuple(f"{name}:{budget}" for name in SEED_METHODS + CONTROLS
                                              for budget in (48, 16)), 4, 16, timing_reps=3),

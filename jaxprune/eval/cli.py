@@ -1,7 +1,7 @@
 """``jaxprune-eval``: evaluate LLaVA with visual-token reducers on LLaVA's benchmarks.
 
   jaxprune-eval                                    the default job: the tiny LLaVA trained on the synthetic VQA set
-                                                   (shipped with jaxprune), 256 questions of its test split, the full
+                                                   (shipped with jaxprune), 192 questions of its test split, the full
                                                    model, ConsensusDrop, VisionDrop, AdaFV, ADSC, FastV, VisionZip,
                                                    random and the oracle at 48 and 16 of 144 tokens; no downloads;
                                                    prints the table (accuracy, % of full, TTFT, FLOPs, KV cache) and
