@@ -250,6 +250,26 @@ def evaluate_properties(runs: dict, stops: dict, align: dict) -> list[dict]:
     return out
 
 
+def _run_lines(result: dict) -> list[str]:
+    """Markdown of one :func:`measure` result's details: its runs per question type, AdaFV's whole-score AUCs, and
+    examples of answers that did not stop in time."""
+    types = list(result["runs"]["full"]["per_type"])
+    lines = ["| run | accuracy | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+    for label, sc in result["runs"].items():
+        lines.append(f"| {label} | {sc['accuracy']:.1f} | " + " | ".join(f"{v:.1f}" for v in sc["per_type"].values())
+                     + " |")
+    a = result["alignment"]
+    lines += ["", "AdaFV's whole text score (max over the question's words) for the asked object's patches, ROC-AUC "
+              "per question type (not a criterion): " + ", ".join(
+                  f"{k} {v:.3f} (n={a['adafv_score_n_per_type'][k]})" for k, v in a["adafv_score_auc_per_type"].items()
+                  if v is not None) + "."]
+    for name, st in result["stop_at_8"].items():
+        if st["examples_not_stopped"]:
+            lines.append(f"- {name}@{STOP_BUDGET}, answers without `</s>` in {result['stop_limit_tokens']} tokens, "
+                         "e.g.: " + "; ".join(f"`{e}`" for e in st["examples_not_stopped"]))
+    return lines
+
+
 def combine(results: list[dict]) -> dict:
     """One result over several data seeds (``results`` from :func:`measure`, one per seed): each property with its
     value per seed, passing only if it passes on every seed (the issue's "3 data seeds")."""
@@ -283,22 +303,7 @@ def write_seeds(combined: dict, out: Path, command: str) -> tuple[Path, Path]:
         lines.append(f"| {p['name']} | " + " | ".join(str(v) for v in p["values"]) + f" | {p['threshold']} | "
                      + ("yes" if p["pass"] else "**no**") + " |")
     for r in combined["per_seed"]:
-        types = list(r["runs"]["full"]["per_type"])
-        lines += ["", f"Seed {r['seed']}:", "", "| run | accuracy | " + " | ".join(types) + " |",
-                  "|---|---|" + "---|" * len(types)]
-        for label, sc in r["runs"].items():
-            lines.append(f"| {label} | {sc['accuracy']:.1f} | " + " | ".join(f"{v:.1f}" for v in sc["per_type"].values())
-                         + " |")
-        a = r["alignment"]
-        lines.append("")
-        lines.append("AdaFV's whole text score (max over the question's words) for the asked object's patches, "
-                     "ROC-AUC per question type (not a criterion): " + ", ".join(
-                         f"{k} {v:.3f} (n={a['adafv_score_n_per_type'][k]})"
-                         for k, v in a["adafv_score_auc_per_type"].items() if v is not None) + ".")
-        for name, st in r["stop_at_8"].items():
-            if st["examples_not_stopped"]:
-                lines.append(f"- {name}@{STOP_BUDGET}, answers without `</s>` in {r['stop_limit_tokens']} tokens, "
-                             "e.g.: " + "; ".join(f"`{e}`" for e in st["examples_not_stopped"]))
+        lines += ["", f"Seed {r['seed']}:", "", *_run_lines(r)]
     md.write_text("\n".join(lines) + "\n")
     return js, md
 
@@ -314,20 +319,7 @@ def write(result: dict, out: Path) -> tuple[Path, Path]:
              "", "| property | value | threshold | pass |", "|---|---|---|---|"]
     for p in result["properties"]:
         lines.append(f"| {p['name']} | {p['value']} | {p['threshold']} | {'yes' if p['pass'] else '**no**'} |")
-    lines += ["", "| run | accuracy | " + " | ".join(result["runs"]["full"]["per_type"]) + " |",
-              "|---|---|" + "---|" * len(result["runs"]["full"]["per_type"])]
-    for label, sc in result["runs"].items():
-        lines.append(f"| {label} | {sc['accuracy']:.1f} | " + " | ".join(f"{v:.1f}" for v in sc["per_type"].values())
-                     + " |")
-    a = result["alignment"]
-    lines += ["", "AdaFV's whole text score (max over the question's words) for the asked object's patches, ROC-AUC "
-              "per question type (not a criterion): " + ", ".join(
-                  f"{k} {v:.3f} (n={a['adafv_score_n_per_type'][k]})" for k, v in a["adafv_score_auc_per_type"].items()
-                  if v is not None) + "."]
-    for name, s in result["stop_at_8"].items():
-        if s["examples_not_stopped"]:
-            lines.append(f"- {name}@{STOP_BUDGET}, answers without `</s>` in {result['stop_limit_tokens']} tokens, e.g.: "
-                         + "; ".join(f"`{e}`" for e in s["examples_not_stopped"]))
+    lines += ["", *_run_lines(result)]
     md.write_text("\n".join(lines) + "\n")
     return js, md
 

@@ -135,7 +135,7 @@ def draw_overlays(ctx: Any, specs: Sequence[ReducerSpec], samples: Sequence[Ques
                 shade = np.full((grid, grid, 4), (0.0, 0.0, 0.0, 0.68), np.float32)
                 for k in idx:
                     shade[k // grid, k % grid, 3] = 0.0
-                # one collection for every outline (an artist per patch made each figure take about a second)
+                # one artist for every outline of the panel
                 ax.add_collection(PatchCollection(
                     [Rectangle(((k % grid) * cell, (k // grid) * cell), cell, cell) for k in idx],
                     facecolor="none", edgecolor=(1.0, 0.85, 0.1), linewidth=0.6))
