@@ -190,6 +190,54 @@ def test_augment_batch_shapes_and_invariants():
     assert (out["labels"] == labels).all()  # every answer still has evidence (all patches were targets)
 
 
+def test_object_biased_draws_move_the_object_share_both_ways():
+    """v11: half the biased draws favour object patches, half avoid them; uniform draws sit in between."""
+    B = 400
+    objects = np.zeros((B, P), bool)
+    objects[:, :36] = True  # a quarter of the image is object
+    red = sample_reduction(np.random.default_rng(0), B, GRID, ReductionAug(prob=1.0, min_keep=16, object_bias=1.0,
+                                                                          max_bias=8.0), objects)
+    share = (red.keep & objects).sum(1) / red.keep.sum(1)
+    assert (share > 0.6).mean() > 0.2 and (share < 0.1).mean() > 0.2  # far above and below the uniform 0.25
+    uni = sample_reduction(np.random.default_rng(0), B, GRID, ReductionAug(prob=1.0, min_keep=16))
+    assert abs(((uni.keep & objects).sum(1) / uni.keep.sum(1)).mean() - 0.25) < 0.03
+    with pytest.raises(ValueError, match="object_bias needs objects"):
+        sample_reduction(np.random.default_rng(0), 2, GRID, ReductionAug(prob=1.0, object_bias=0.5))
+    with pytest.raises(ValueError, match="evidence"):
+        ReductionAug(evidence="some")
+
+
+def test_every_object_evidence_masks_a_count_with_one_object_gone():
+    labels = np.full((1, 6), -1, np.int32)
+    labels[0, 2] = 7
+    atarget = np.zeros((1, 4, P), np.float32)
+    atarget[0, 0, [0, 1, 140, 141]] = 1  # two objects (first and last 3x3 cells)
+    groups = (np.arange(GRID)[:, None] * 3 // GRID * 3 + np.arange(GRID)[None, :] * 3 // GRID).reshape(-1)
+    vis = np.zeros_like(atarget)
+    vis[0, 0, 1] = 1  # only the first object is still seen
+    assert mask_unseen_answers(labels, atarget, vis)[0, 2] == 7  # "any": some evidence left, kept
+    assert mask_unseen_answers(labels, atarget, vis, groups)[0, 2] == -1  # one object gone: no loss
+    vis[0, 0, 141] = 1
+    assert mask_unseen_answers(labels, atarget, vis, groups)[0, 2] == 7
+
+
+def test_second_answer_words_get_a_query_row():
+    from experiments.synthvqa.train import build_pool, tokenizer
+
+    tok = tokenizer()
+    pool = build_pool("train", 0, 6, tok, multi_turn=True, style="large")
+    eos = 2
+    for r in range(len(pool.ids)):
+        for j in range(4):
+            a = pool.arow[r, j]
+            if pool.atarget[r, j].sum() == 0 and a == 0:
+                continue
+            two = pool.labels[r, a + 1] >= 0 and pool.labels[r, a + 1] != eos
+            assert (pool.arow2[r, j] == a + 1) == two and (pool.arow2[r, j] == 0) == (not two)
+    words = {tok.decode([int(pool.labels[r, pool.arow[r, j]])]) for r, j in zip(*np.nonzero(pool.arow2))}
+    assert words and words <= {"top", "bottom"}
+
+
 @pytest.mark.slow
 def test_train_runs_every_new_stage_end_to_end(tmp_path):
     """A few steps of each stage with every issue-16 option on (compiles: about a minute of CPU)."""
@@ -197,7 +245,8 @@ def test_train_runs_every_new_stage_end_to_end(tmp_path):
 
     cfg = TrainConfig(n_train_images=8, tower_steps=1, tower_batch=4, caption_steps=2, caption_batch=4, steps=2,
                       batch=4, warmup=1, eval_every=1, n_val_images=4, scene_style="large", aug_prob=1.0,
-                      val_reduced=8, align_weight=1.0)
+                      val_reduced=8, align_weight=1.0, aug_object_bias=0.5, aug_evidence="every_object",
+                      attn_every_word=True)
     model, log = train(cfg, log_path=tmp_path / "log.json")
     stages = [r.get("stage") for r in log]
     assert stages.count("caption") == 2 and stages.count("llava") == 2

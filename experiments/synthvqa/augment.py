@@ -16,6 +16,18 @@ matrix per row applied to the projected tokens on the device (:func:`mix_tokens`
 (every patch the question is about was dropped, not merged) get no answer loss: the model is not taught to answer
 questions it cannot see. The choice of patches never looks at the question (uniformly random): the augmentation
 has no reducer's signal in it.
+
+v11 options (off by default, so the v10 recipe is unchanged):
+
+* ``object_bias`` (share of the reduced rows): the ``k`` patches are drawn with a Gumbel top-k whose scores add
+  ``s * beta`` on object patches (``s = +1`` or ``-1`` with equal odds, ``beta ~ U(0, max_bias)``), so the kept
+  share of object tokens ranges from almost none to almost all. Under uniform draws that share is a fixed function
+  of the scene, and the v10 model learned to read "how many" from it (issue #16's count/share defect); mixing both
+  signs decouples share and count without favouring any reducer's ranking (the sign is a coin flip, not a signal
+  about the question).
+* ``evidence="every_object"``: an answer also gets no loss when *any* object it is about lost all its tokens (a
+  "how many" over three objects of which one is gone has another visible answer); ``"any"`` (v10): only when all
+  of its patches are gone. Objects are told apart by the caller's ``groups`` (one object per 3x3 cell here).
 """
 
 from __future__ import annotations
@@ -27,6 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
+#: answer-masking rules of :class:`ReductionAug` (module docstring)
+EVIDENCE: tuple[str, ...] = ("any", "every_object")
+
+
 @dataclasses.dataclass(frozen=True)
 class ReductionAug:
     """How often and how hard training rows are reduced (``prob=0``: never, the original recipe)."""
@@ -35,9 +51,16 @@ class ReductionAug:
     min_keep: int = 8
     merge_prob: float = 0.3
     keep_positions_prob: float = 0.3
+    object_bias: float = 0.0
+    max_bias: float = 5.0
+    evidence: str = "any"
 
     def __post_init__(self):
-        for name in ("prob", "merge_prob", "keep_positions_prob"):
+        if self.evidence not in EVIDENCE:
+            raise ValueError(f"ReductionAug.evidence={self.evidence!r}: expected one of {EVIDENCE}")
+        if self.max_bias < 0:
+            raise ValueError(f"ReductionAug.max_bias={self.max_bias} must be >= 0")
+        for name in ("prob", "merge_prob", "keep_positions_prob", "object_bias"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"ReductionAug.{name}={v} must be in [0, 1]")
@@ -75,9 +98,14 @@ def _chebyshev(grid: int) -> np.ndarray:
     return np.abs(yx[:, None, :] - yx[None, :, :]).max(-1)  # [P, P]
 
 
-def sample_reduction(rng: np.random.Generator, n_rows: int, grid: int, aug: ReductionAug) -> RowReduction:
-    """Draw the reduction of ``n_rows`` rows of a ``grid x grid`` image (module docstring)."""
+def sample_reduction(rng: np.random.Generator, n_rows: int, grid: int, aug: ReductionAug,
+                     objects: np.ndarray | None = None) -> RowReduction:
+    """Draw the reduction of ``n_rows`` rows of a ``grid x grid`` image (module docstring); ``objects [B, P]`` bool
+    (patches covered by an object) is needed when ``aug.object_bias > 0``."""
     P = grid * grid
+    if aug.object_bias > 0 and (objects is None or objects.shape != (n_rows, P)):
+        raise ValueError(f"ReductionAug.object_bias needs objects [{n_rows}, {P}], got "
+                         f"{None if objects is None else objects.shape}")
     if aug.min_keep > P:
         raise ValueError(f"ReductionAug.min_keep={aug.min_keep} exceeds the {P} image tokens")
     keep = np.ones((n_rows, P), bool)
@@ -89,7 +117,12 @@ def sample_reduction(rng: np.random.Generator, n_rows: int, grid: int, aug: Redu
         if rng.random() >= aug.prob:
             continue
         k = int(np.clip(round(float(np.exp(rng.uniform(np.log(aug.min_keep), np.log(P))))), aug.min_keep, P))
-        kept = np.sort(rng.choice(P, k, replace=False))
+        if aug.object_bias > 0 and rng.random() < aug.object_bias:
+            sign = 1.0 if rng.random() < 0.5 else -1.0
+            score = rng.gumbel(size=P) + sign * rng.uniform(0.0, aug.max_bias) * objects[b]
+            kept = np.sort(np.argsort(-score, kind="stable")[:k])
+        else:
+            kept = np.sort(rng.choice(P, k, replace=False))
         keep[b] = False
         keep[b, kept] = True
         n_keep[b] = k
@@ -139,9 +172,16 @@ def answer_index(labels: np.ndarray) -> np.ndarray:
     return np.where(on, idx, -1).astype(np.int32)
 
 
-def mask_unseen_answers(labels: np.ndarray, atarget: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    """``labels`` with the tokens of answers whose target patches (non-empty) are all gone set to -1."""
+def mask_unseen_answers(labels: np.ndarray, atarget: np.ndarray, visible: np.ndarray,
+                        groups: np.ndarray | None = None) -> np.ndarray:
+    """``labels`` with the tokens of answers whose target patches (non-empty) are all gone set to -1; with
+    ``groups [P]`` (object id of each patch), also of answers one of whose objects has no visible patch left."""
     lost = (atarget.sum(-1) > 0) & (visible.sum(-1) == 0)  # [B, R]
+    if groups is not None:
+        onehot = (np.asarray(groups)[:, None] == np.unique(groups)[None, :]).astype(np.float32)  # [P, G]
+        has = (atarget > 0).astype(np.float32) @ onehot > 0  # [B, R, G]
+        seen = (visible > 0).astype(np.float32) @ onehot > 0  # [B, R, G]
+        lost |= (has & ~seen).any(-1)
     aidx = answer_index(labels)
     R = atarget.shape[1]
     gone = np.take_along_axis(np.concatenate([lost, np.zeros_like(lost[:, :1])], axis=1),
@@ -154,16 +194,23 @@ def mix_tokens(mix: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.einsum("bpq,bqh->bph", mix.astype(tokens.dtype), tokens)
 
 
-def augment_batch(rng: np.random.Generator, batch: dict, aug: ReductionAug, grid: int, image_token: int) -> dict:
+def augment_batch(rng: np.random.Generator, batch: dict, aug: ReductionAug, grid: int, image_token: int,
+                  groups: np.ndarray | None = None) -> dict:
     """A frozen-tower training batch (``ids``, ``valid``, ``positions``, ``labels``, ``qlabels``, ``atarget``, ...)
     with a sampled reduction applied: new ``valid`` / ``positions``, targets and labels moved onto what is left,
-    and ``mix`` for :func:`mix_tokens` (the batch then always carries ``mix``, so one program serves every draw)."""
-    red = sample_reduction(rng, batch["ids"].shape[0], grid, aug)
+    and ``mix`` for :func:`mix_tokens` (the batch then always carries ``mix``, so one program serves every draw).
+    ``object_bias`` reads the batch's ``pcolour [B, P]`` (0 = background); ``evidence="every_object"`` needs
+    ``groups [P]``."""
+    if aug.evidence == "every_object" and groups is None:
+        raise ValueError('ReductionAug.evidence="every_object" needs groups (object id of each patch)')
+    objects = np.asarray(batch["pcolour"]) > 0 if aug.object_bias > 0 else None
+    red = sample_reduction(rng, batch["ids"].shape[0], grid, aug, objects)
     valid, pos = reduce_rows(red, batch["ids"], batch["valid"], image_token)
     out = dict(batch, valid=valid, positions=pos, mix=red.mix)
     out["qlabels"] = np.where(valid, batch["qlabels"], -1).astype(batch["qlabels"].dtype)
     if "atarget" in batch:
         vis = visible_targets(red, batch["atarget"])
-        out["labels"] = mask_unseen_answers(batch["labels"], batch["atarget"], vis)
+        out["labels"] = mask_unseen_answers(batch["labels"], batch["atarget"], vis,
+                                            groups if aug.evidence == "every_object" else None)
         out["atarget"] = vis
     return out

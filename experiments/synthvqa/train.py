@@ -139,6 +139,14 @@ class TrainConfig:
     #: weight of the word-to-patch alignment term (:mod:`experiments.synthvqa.align`) in the caption and the LLaVA
     #: stages (frozen tower only); 0 = off
     align_weight: float = 0.0
+    # ---- v11 options (defaults = the v10 recipe) ------------------------------------------------------------------
+    #: share of the reduced rows drawn object-biased (:mod:`experiments.synthvqa.augment`: decouples the kept share
+    #: of object tokens from the count) and the answer-masking rule under reduction ("any" / "every_object")
+    aug_object_bias: float = 0.0
+    aug_evidence: str = "any"
+    #: supervised attention also on the query row of every further answer word (the second word of "top left"),
+    #: not only on the row before the first one
+    attn_every_word: bool = False
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -167,6 +175,7 @@ class Pool:
     arow: np.ndarray | None = None     # [Q, 4] query row (the token before each answer), 0 = none
     atarget: np.ndarray | None = None  # [Q, 4, P] float32: patches the answer is about (all zero = none)
     wtarget: np.ndarray | None = None  # [Q, 4, T] float32: the question's colour / shape words
+    arow2: np.ndarray | None = None    # [Q, 4] query row of each answer's second word (0 = one-word answer)
     feats: np.ndarray | None = None  # [N, P, Dv] frozen-tower features (freeze_tower)
 
 
@@ -203,6 +212,8 @@ def build_pool(split: str, seed: int, n_images: int, tok, length: int | None = N
             targets.append([target_patches(qa, rs.colour_map[i], rs.shape_map[i])])
     b = collate(rows, bucket=8, length=length)
     arow = np.zeros((len(rows), 4), np.int32)
+    arow2 = np.zeros((len(rows), 4), np.int32)
+    eos = set(MODEL_CFG.text.eos_token_id)
     atarget = np.zeros((len(rows), 4, N_VISUAL), np.float32)
     wtarget = np.zeros((len(rows), 4, b.input_ids.shape[1]), np.float32)
     content = np.isin(b.input_ids, [tok.convert_tokens_to_ids(w) for w in COLOUR_NAMES + SHAPES])
@@ -212,12 +223,18 @@ def build_pool(split: str, seed: int, n_images: int, tok, length: int | None = N
         prev = 0
         for j, t in enumerate(tg[:4]):
             arow[r, j] = starts[j]
+            nxt = starts[j] + 1
+            if nxt < len(lab) and lab[nxt] >= 0 and int(lab[nxt]) not in eos:  # a second answer word
+                if nxt + 1 < len(lab) and lab[nxt + 1] >= 0 and int(lab[nxt + 1]) not in eos:
+                    raise ValueError("answers of more than two words are not supported by the attention targets")
+                arow2[r, j] = nxt
             atarget[r, j] = t
             wtarget[r, j, prev:starts[j] + 1] = content[r, prev:starts[j] + 1]
             prev = starts[j] + 1
     return Pool(rs.images, rs.colour_map.reshape(n, -1).astype(np.int32), rs.shape_map.reshape(n, -1).astype(np.int32),
                 rs.centre_map.reshape(n, -1).astype(np.int32), pairs, np.asarray(q_image), np.asarray(q_type),
-                b.input_ids, b.labels, b.valid, question_labels(b.input_ids, b.labels, b.valid), arow, atarget, wtarget)
+                b.input_ids, b.labels, b.valid, question_labels(b.input_ids, b.labels, b.valid), arow, atarget, wtarget,
+                arow2=arow2)
 
 
 def target_patches(qa, colour_map: np.ndarray, shape_map: np.ndarray) -> np.ndarray:
@@ -346,6 +363,10 @@ def make_steps(graphdef, cfg: TrainConfig, tower_opt, opt):
         full = jax.vmap(lambda f, sl, t: f.at[:, sl].set(t))(full, img, batch["atarget"])  # [B, R, T]
         lat = attention_target_loss(q, k, val, batch["arow"], full)
         lat = lat + attention_target_loss(q0, k0, val, batch["arow"], batch["wtarget"])
+        if cfg.attn_every_word:  # the second word's row reads the same patches and question words
+            two = (batch["arow2"] > 0)[:, :, None]  # [B, R, 1]
+            lat = lat + attention_target_loss(q, k, val, batch["arow2"], full * two)
+            lat = lat + attention_target_loss(q0, k0, val, batch["arow2"], batch["wtarget"] * two)
         metrics = dict(answer_loss=lt, question_loss=lq, attn_loss=lat, align_loss=la_align,
                        answer_exact=sequence_hits(logits, batch["labels"]).mean())
         return lt + cfg.question_weight * lq + cfg.attn_weight * lat + cfg.align_weight * la_align, metrics
@@ -477,7 +498,8 @@ def _train(cfg: TrainConfig, out: Path | None, log_path: Path | None) -> tuple[j
     if (cfg.caption_steps or cfg.aug_prob or cfg.val_reduced or cfg.align_weight) and not cfg.freeze_tower:
         raise ValueError("caption_steps / aug_prob / val_reduced / align_weight run on frozen-tower features: set "
                          "freeze_tower")
-    aug = ReductionAug(cfg.aug_prob, cfg.aug_min_keep, cfg.aug_merge, cfg.aug_keep_positions)
+    aug = ReductionAug(cfg.aug_prob, cfg.aug_min_keep, cfg.aug_merge, cfg.aug_keep_positions,
+                       object_bias=cfg.aug_object_bias, evidence=cfg.aug_evidence)
     pool = build_pool("train", cfg.seed, cfg.n_train_images, tok, multi_turn=cfg.multi_turn, style=cfg.scene_style)
     phases = parse_curriculum(cfg.curriculum)
     if sum(n for _, n in phases) >= cfg.steps:
@@ -539,10 +561,10 @@ def _train(cfg: TrainConfig, out: Path | None, log_path: Path | None) -> tuple[j
         if cfg.freeze_tower:
             b = {k: b[k] for k in ("ids", "labels", "qlabels", "valid", "positions")} | {
                 "feats": src.feats[src.q_image[b["rows"]]], "arow": src.arow[b["rows"]],
-                "atarget": src.atarget[b["rows"]], "wtarget": src.wtarget[b["rows"]],
+                "atarget": src.atarget[b["rows"]], "wtarget": src.wtarget[b["rows"]], "arow2": src.arow2[b["rows"]],
                 "pcolour": src.colour[src.q_image[b["rows"]]], "pshape": src.shape[src.q_image[b["rows"]]]}
             if aug.prob > 0:
-                b = augment_batch(aug_rng, b, aug, _G, MODEL_CFG.image_token_index)
+                b = augment_batch(aug_rng, b, aug, _G, MODEL_CFG.image_token_index, np.asarray(_PATCH_CELL))
             train_p, state, met = frozen_step(train_p, vision, state, b)
             params = dict(train_p, vision=vision)
         else:

@@ -2,8 +2,9 @@
 
 Not a method from a paper: the upper bound of the synthetic-VQA benchmark (issue #16, DESIGN.md rung 5). It reads
 information no real reducer has, the per-patch ``patch_prior`` the synthvqa benchmark computes from its scene
-generator (:func:`jaxprune.eval.synthvqa.targets.patch_prior`: 1 on the patches of the asked object -- every object
-of the colour for "how many", none for an "is there" whose answer is no -- 0 elsewhere), passed as
+generator (:func:`jaxprune.eval.synthvqa.targets.patch_prior`: > 0 on the patches of the asked object -- every
+object of the colour for "how many", none for an "is there" whose answer is no -- higher towards each object's
+centre, 0 elsewhere), passed as
 ``model(..., reducer=oracle(k), reducer_inputs={"patch_prior": [images, P]})``. Without it the engine refuses the
 call by name (:mod:`jaxprune.engine.reducer_inputs`); the registry lists the name for the synthvqa benchmark only.
 
