@@ -14,6 +14,7 @@ static layout (any family: LLaVA-1.5, LLaVA-NeXT with ``image_sizes``), ``model.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Any
 
@@ -23,6 +24,10 @@ import numpy as np
 
 from . import distributed as dist
 from .batching import Rows
+
+
+#: the shared cache's entry holding the per-program locks (:meth:`Engine.compiled`)
+LOCKS = "__locks__"
 
 
 @dataclasses.dataclass
@@ -111,12 +116,18 @@ class Engine:
         devs = tuple(d.id for d in self.mesh.devices.flat)
         return (prep.static, prep.shape, self.max_new_tokens, self.eos_ids, self.pad_id, devs)
 
+    def _lock(self, key: tuple) -> threading.Lock:
+        """One lock per program key in the shared cache (``dict.setdefault`` is atomic): a program being compiled
+        ahead on another thread (:mod:`jaxprune.eval.prefetch`) is waited for, never compiled twice."""
+        return self.cache.setdefault(LOCKS, {}).setdefault(key, threading.Lock())
+
     def compiled(self, prep: Prepared) -> Compiled:
         key = self._key(prep)
-        hit = self.cache.get(key)
-        if hit is None:
-            hit = self._compile(prep)
-            self.cache[key] = hit
+        with self._lock(key):
+            hit = self.cache.get(key)
+            if hit is None:
+                hit = self._compile(prep)
+                self.cache[key] = hit
         if all(c is not hit for c in self.compiled_shapes):
             self.compiled_shapes.append(hit)
         return hit
@@ -132,11 +143,21 @@ class Engine:
     def _decoder(self, c: Compiled, state: Any) -> Any:
         """The decode executable for the state layout of ``c``'s prefill (compiled on first use)."""
         if c.decode is None:
-            t0 = time.perf_counter()
-            c.decode = self.model.programs.decode.lower(self.params, state, max_new_tokens=self.max_new_tokens,
-                                                eos_ids=self.eos_ids, pad_id=self.pad_id).compile()
-            c.compile_s["decode"] = time.perf_counter() - t0
+            with self.cache.setdefault(LOCKS, {}).setdefault(("decode", id(c)), threading.Lock()):
+                if c.decode is None:
+                    t0 = time.perf_counter()
+                    dec = self.model.programs.decode.lower(self.params, state, max_new_tokens=self.max_new_tokens,
+                                                           eos_ids=self.eos_ids, pad_id=self.pad_id).compile()
+                    c.compile_s["decode"] = time.perf_counter() - t0
+                    c.decode = dec
         return c.decode
+
+    def warm(self, prep: Prepared) -> None:
+        """Compile ``prep``'s prefill and decode programs (one prefill runs, for the decode's input layout)."""
+        c = self.compiled(prep)
+        state = c.prefill(self.params, *prep.args)
+        self._decoder(c, state)
+        jax.block_until_ready(state)  # nothing of it may still run when the caller times something
 
     # ---- running -------------------------------------------------------------------------------------------
     def generate(self, prep: Prepared) -> np.ndarray:

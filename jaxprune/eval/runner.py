@@ -109,6 +109,10 @@ class RunOptions:
     progress: bool = True
     timing_reps: int = 5
     after_batch: Callable[[int], None] | None = None  # test hook: called after each batch is written
+    #: called with ``(spec, rows, global_rows, max_new_tokens)`` once the first batch's rows exist (the sweep's
+    #: compile-ahead of the next spec, :mod:`jaxprune.eval.prefetch`), and before the run times anything
+    first_rows: Callable[[ReducerSpec, Any, int, int], None] | None = None
+    before_timing: Callable[[], None] | None = None
 
 
 @dataclasses.dataclass
@@ -270,6 +274,8 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
                 nxt = pool.submit(load, todo[bi + 1])
             rows = build_rows(batch, my_rows, ctx.tokenizer, cfg.image_token_index, P, ctx.img_cfg,
                               cfg.vision.image_size, images)
+            if bi == 0 and opts.first_rows is not None:
+                opts.first_rows(spec, rows, B, max_new)
             tokens = engine.generate(_prepare(engine, rows, B, f"{bench.name}/{spec.label}"))
             ok = dist.gather_rows(rows.ok)
             failed = []
@@ -305,6 +311,8 @@ def run_benchmark(ctx: Context, bench: Any, questions: Sequence[Question], spec:
         efficiency = prev["efficiency"]
         compile_recs = prev.get("compile", [])
     else:
+        if opts.before_timing is not None:
+            opts.before_timing()
         efficiency, compile_recs = _measure(ctx, engine, reducer, batches, items, my_rows, max_new, opts)
     wall = time.perf_counter() - t_start
 

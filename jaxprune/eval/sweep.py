@@ -26,6 +26,7 @@ from typing import Any
 from . import builtin
 from . import distributed as dist
 from .config import ConfigError, EvalError, ItemError, SweepConfig, check_names
+from .prefetch import CompileAhead
 from .runner import PROMPT_FORMAT, Context, RunOptions, RunResult, run_benchmark
 
 
@@ -154,11 +155,17 @@ def run_sweep(cfg: SweepConfig, *, context: Context | None = None, after_batch: 
     for bench, questions in loaded:
         if not samples:
             samples = _overlay_samples(questions)
-        for spec in cfg.runs:
-            try:
-                results.append(run_benchmark(context, bench, questions, spec, out / bench.name / spec.dirname, opts))
-            except EvalError as e:
-                fail(f"{bench.name}/{spec.label}", e)
+        ahead = CompileAhead(context, cfg.runs, bench.name)
+        bopts = dataclasses.replace(opts, first_rows=ahead.first_rows, before_timing=ahead.quiet)
+        try:
+            for spec in cfg.runs:
+                try:
+                    results.append(run_benchmark(context, bench, questions, spec, out / bench.name / spec.dirname,
+                                                 bopts))
+                except EvalError as e:
+                    fail(f"{bench.name}/{spec.label}", e)
+        finally:
+            ahead.close()
     overlays: list[Path] = []
     paths: dict[str, Path] = {}
     text = ""
