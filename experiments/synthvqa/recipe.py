@@ -11,7 +11,7 @@ stage's checkpoint and every stage's log into ``--out`` (``train_log.json`` for 
 (stage commands, seconds per stage). ``--print`` writes the equivalent shell commands instead.
 
 Time on 2 CPU cores (the stages as they ran, AMD EPYC, shared with short test runs; each stage's log holds its own
-``total_seconds``): stage 1 ~25 min, 2 ~35 min, 3 ~18 min, 4 ~47 min, 5 ~30 min -- about 2 h 35 min in all.
+``total_seconds``): stage 1 30 min, 2 35 min, 3 19 min, 4 48 min, 5 29 min -- about 2 h 40 min in all (1829 + 2091 + 1123 + 2886 + 1752 s).
 """
 
 from __future__ import annotations

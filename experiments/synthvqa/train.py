@@ -30,6 +30,10 @@ Issue #16 recipe options (all off by default, so the command above still trains 
    ``--aug-min-keep`` tokens, dropped (renumbered or kept positions) or merged into their nearest kept patch;
    ``--val-reduced k`` also logs teacher-forced validation with every row reduced to ``k`` random tokens.
 
+v11 options (off by default): ``--aug-object-bias p`` (object-biased reduction draws, either sign),
+``--aug-evidence every_object`` (no answer loss when any asked object lost all its tokens), ``--attn-every-word true``
+(attention targets on the second answer word's row too). The shipped chain: :mod:`experiments.synthvqa.recipe`.
+
 Training runs with the one-pass CPU attention schedule (:func:`differentiable_cpu_attention`).
 
 The heads are training-only and not exported. The export is the HF LLaVA-1.5 layout (``legacy`` keys) with
