@@ -492,6 +492,8 @@ def differentiable_cpu_attention():
 
 def train(cfg: TrainConfig, out: Path | None = None, log_path: Path | None = None) -> tuple[jp.Llava, list[dict]]:
     """Run every stage of ``cfg`` (module docstring); export to ``out`` and log to ``log_path`` when given."""
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)  # the log is written from the first eval on
     with differentiable_cpu_attention():
         return _train(cfg, out, log_path)
 
