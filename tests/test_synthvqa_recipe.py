@@ -207,6 +207,29 @@ def test_object_biased_draws_move_the_object_share_both_ways():
         ReductionAug(evidence="some")
 
 
+def test_per_object_bias_decouples_one_objects_share_from_anothers():
+    """v12: with one bias per row two objects keep about the same share of the kept tokens (one colour's share
+    follows the count); drawn per object, their shares no longer move together."""
+    B = 400
+    groups = (np.arange(GRID)[:, None] * 3 // GRID * 3 + np.arange(GRID)[None, :] * 3 // GRID).reshape(-1)
+    objects = np.zeros((B, P), bool)
+    objects[:, (groups == 0) | (groups == 8)] = True  # two objects: first and last cell
+    rng = np.random.default_rng(1)
+
+    def shares(per: str) -> tuple[np.ndarray, np.ndarray]:
+        red = sample_reduction(rng, B, GRID, ReductionAug(prob=1.0, min_keep=32, object_bias=1.0, bias_per=per),
+                               objects, groups)
+        k = red.keep.sum(1)
+        return (red.keep & (groups == 0)).sum(1) / k, (red.keep & (groups == 8)).sum(1) / k
+
+    assert np.corrcoef(*shares("all"))[0, 1] > 0.8
+    assert abs(np.corrcoef(*shares("object"))[0, 1]) < 0.3
+    with pytest.raises(ValueError, match="needs groups"):
+        sample_reduction(rng, 2, GRID, ReductionAug(prob=1.0, object_bias=0.5, bias_per="object"), objects[:2])
+    with pytest.raises(ValueError, match="bias_per"):
+        ReductionAug(bias_per="cell")
+
+
 def test_every_object_evidence_masks_a_count_with_one_object_gone():
     labels = np.full((1, 6), -1, np.int32)
     labels[0, 2] = 7
@@ -246,7 +269,7 @@ def test_train_runs_every_new_stage_end_to_end(tmp_path):
     cfg = TrainConfig(n_train_images=8, tower_steps=1, tower_batch=4, caption_steps=2, caption_batch=4, steps=2,
                       batch=4, warmup=1, eval_every=1, n_val_images=4, scene_style="large", aug_prob=1.0,
                       val_reduced=8, align_weight=1.0, aug_object_bias=0.5, aug_evidence="every_object",
-                      attn_every_word=True)
+                      attn_every_word=True, aug_bias_per="object")
     model, log = train(cfg, log_path=tmp_path / "log.json")
     stages = [r.get("stage") for r in log]
     assert stages.count("caption") == 2 and stages.count("llava") == 2

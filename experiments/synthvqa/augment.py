@@ -28,6 +28,15 @@ v11 options (off by default, so the v10 recipe is unchanged):
 * ``evidence="every_object"``: an answer also gets no loss when *any* object it is about lost all its tokens (a
   "how many" over three objects of which one is gone has another visible answer); ``"any"`` (v10): only when all
   of its patches are gone. Objects are told apart by the caller's ``groups`` (one object per 3x3 cell here).
+
+v12 option:
+
+* ``bias_per="object"``: the Gumbel bias is drawn per object (its own sign and ``beta``), not once for all objects
+  of the row (``"all"``, v11). With one shared bias every object keeps about the same share of its tokens, so the
+  share of *one colour's* tokens among the kept ones still moves with how many objects have that colour, and the v11
+  model still read "how many red objects" from it: keeping every patch of the asked colour and thinning the rest
+  (the synthvqa oracle) made it answer one more than the truth. Independent per-object biases make a colour's share
+  vary for a fixed count. Still question-blind: the draws never look at what is asked.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ import numpy as np
 
 #: answer-masking rules of :class:`ReductionAug` (module docstring)
 EVIDENCE: tuple[str, ...] = ("any", "every_object")
+#: how the object bias of :class:`ReductionAug` is drawn (module docstring)
+BIAS_PER: tuple[str, ...] = ("all", "object")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +65,13 @@ class ReductionAug:
     object_bias: float = 0.0
     max_bias: float = 5.0
     evidence: str = "any"
+    bias_per: str = "all"
 
     def __post_init__(self):
         if self.evidence not in EVIDENCE:
             raise ValueError(f"ReductionAug.evidence={self.evidence!r}: expected one of {EVIDENCE}")
+        if self.bias_per not in BIAS_PER:
+            raise ValueError(f"ReductionAug.bias_per={self.bias_per!r}: expected one of {BIAS_PER}")
         if self.max_bias < 0:
             raise ValueError(f"ReductionAug.max_bias={self.max_bias} must be >= 0")
         for name in ("prob", "merge_prob", "keep_positions_prob", "object_bias"):
@@ -99,13 +113,20 @@ def _chebyshev(grid: int) -> np.ndarray:
 
 
 def sample_reduction(rng: np.random.Generator, n_rows: int, grid: int, aug: ReductionAug,
-                     objects: np.ndarray | None = None) -> RowReduction:
+                     objects: np.ndarray | None = None, groups: np.ndarray | None = None) -> RowReduction:
     """Draw the reduction of ``n_rows`` rows of a ``grid x grid`` image (module docstring); ``objects [B, P]`` bool
-    (patches covered by an object) is needed when ``aug.object_bias > 0``."""
+    (patches covered by an object) is needed when ``aug.object_bias > 0``, ``groups [P]`` (object id of each patch)
+    when ``aug.bias_per == "object"`` too."""
     P = grid * grid
     if aug.object_bias > 0 and (objects is None or objects.shape != (n_rows, P)):
         raise ValueError(f"ReductionAug.object_bias needs objects [{n_rows}, {P}], got "
                          f"{None if objects is None else objects.shape}")
+    per_object = aug.object_bias > 0 and aug.bias_per == "object"
+    if per_object:
+        if groups is None or np.shape(groups) != (P,):
+            raise ValueError(f'ReductionAug.bias_per="object" needs groups [{P}], got '
+                             f"{None if groups is None else np.shape(groups)}")
+        gid = np.unique(groups, return_inverse=True)[1].reshape(P)  # [P] dense object ids
     if aug.min_keep > P:
         raise ValueError(f"ReductionAug.min_keep={aug.min_keep} exceeds the {P} image tokens")
     keep = np.ones((n_rows, P), bool)
@@ -118,8 +139,13 @@ def sample_reduction(rng: np.random.Generator, n_rows: int, grid: int, aug: Redu
             continue
         k = int(np.clip(round(float(np.exp(rng.uniform(np.log(aug.min_keep), np.log(P))))), aug.min_keep, P))
         if aug.object_bias > 0 and rng.random() < aug.object_bias:
-            sign = 1.0 if rng.random() < 0.5 else -1.0
-            score = rng.gumbel(size=P) + sign * rng.uniform(0.0, aug.max_bias) * objects[b]
+            if per_object:
+                n_g = int(gid.max()) + 1
+                bias = np.where(rng.random(n_g) < 0.5, 1.0, -1.0) * rng.uniform(0.0, aug.max_bias, n_g)  # [G]
+                score = rng.gumbel(size=P) + bias[gid] * objects[b]
+            else:
+                sign = 1.0 if rng.random() < 0.5 else -1.0
+                score = rng.gumbel(size=P) + sign * rng.uniform(0.0, aug.max_bias) * objects[b]
             kept = np.sort(np.argsort(-score, kind="stable")[:k])
         else:
             kept = np.sort(rng.choice(P, k, replace=False))
@@ -200,11 +226,11 @@ def augment_batch(rng: np.random.Generator, batch: dict, aug: ReductionAug, grid
     with a sampled reduction applied: new ``valid`` / ``positions``, targets and labels moved onto what is left,
     and ``mix`` for :func:`mix_tokens` (the batch then always carries ``mix``, so one program serves every draw).
     ``object_bias`` reads the batch's ``pcolour [B, P]`` (0 = background); ``evidence="every_object"`` needs
-    ``groups [P]``."""
+    ``groups [P]``, as does ``bias_per="object"``."""
     if aug.evidence == "every_object" and groups is None:
         raise ValueError('ReductionAug.evidence="every_object" needs groups (object id of each patch)')
     objects = np.asarray(batch["pcolour"]) > 0 if aug.object_bias > 0 else None
-    red = sample_reduction(rng, batch["ids"].shape[0], grid, aug, objects)
+    red = sample_reduction(rng, batch["ids"].shape[0], grid, aug, objects, groups)
     valid, pos = reduce_rows(red, batch["ids"], batch["valid"], image_token)
     out = dict(batch, valid=valid, positions=pos, mix=red.mix)
     out["qlabels"] = np.where(valid, batch["qlabels"], -1).astype(batch["qlabels"].dtype)

@@ -151,6 +151,10 @@ class TrainConfig:
     #: supervised attention also on the query row of every further answer word (the second word of "top left"),
     #: not only on the row before the first one
     attn_every_word: bool = False
+    # ---- v12 option ------------------------------------------------------------------------------------------------
+    #: the object bias drawn once per row ("all", v11) or per object ("object": a colour's kept share varies for a
+    #: fixed count; :mod:`experiments.synthvqa.augment`)
+    aug_bias_per: str = "all"
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -505,7 +509,8 @@ def _train(cfg: TrainConfig, out: Path | None, log_path: Path | None) -> tuple[j
         raise ValueError("caption_steps / aug_prob / val_reduced / align_weight run on frozen-tower features: set "
                          "freeze_tower")
     aug = ReductionAug(cfg.aug_prob, cfg.aug_min_keep, cfg.aug_merge, cfg.aug_keep_positions,
-                       object_bias=cfg.aug_object_bias, evidence=cfg.aug_evidence)
+                       object_bias=cfg.aug_object_bias, evidence=cfg.aug_evidence,
+                       bias_per=cfg.aug_bias_per)
     pool = build_pool("train", cfg.seed, cfg.n_train_images, tok, multi_turn=cfg.multi_turn, style=cfg.scene_style)
     phases = parse_curriculum(cfg.curriculum)
     if sum(n for _, n in phases) >= cfg.steps:
