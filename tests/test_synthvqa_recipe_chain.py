@@ -47,3 +47,14 @@ def test_two_tiny_stages_chain_resume_and_export(tmp_path):
     assert json.loads((out / "train_log_continue1.json").read_text())[-1]["event"] == "done"
     again = recipe.run(tmp_path / "w", None, stages)  # resumes: both stages done
     assert all(e.get("skipped") for e in again["stages"])
+
+
+def test_the_shipped_checkpoint_carries_one_log_per_stage():
+    from pathlib import Path
+
+    import jaxprune.eval.synthvqa as sv
+
+    ck = Path(sv.__file__).parent / "checkpoint"
+    for k in range(1, len(recipe.STAGES) + 1):
+        assert (ck / recipe.log_name(k)).is_file(), f"stage {k} ({recipe.STAGES[k - 1][0]}) has no log in {ck}"
+    assert not (ck / recipe.log_name(len(recipe.STAGES) + 1)).exists()

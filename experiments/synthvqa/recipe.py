@@ -3,7 +3,7 @@
 ``python -m experiments.synthvqa.recipe --work /tmp/synthvqa-recipe --out jaxprune/eval/synthvqa/checkpoint``
 
 The checkpoint was trained as a chain of :mod:`experiments.synthvqa.train` runs, each continuing the previous one
-(``--init``) as the recipe grew (v7 -> v11, ``experiments/results/synthvqa_training.md``). :data:`STAGES` lists them
+(``--init``) as the recipe grew (v7 -> v12, ``experiments/results/synthvqa_training.md``). :data:`STAGES` lists them
 with exactly the options each run used; this driver runs them one after the other, each into ``WORK/runK`` (a
 finished stage is skipped on a rerun, so an interrupted chain resumes at the stage it was in), then copies the last
 stage's checkpoint and every stage's log into ``--out`` (``train_log.json`` for stage 1,
@@ -11,7 +11,8 @@ stage's checkpoint and every stage's log into ``--out`` (``train_log.json`` for 
 (stage commands, seconds per stage). ``--print`` writes the equivalent shell commands instead.
 
 Time on 2 CPU cores (the stages as they ran, AMD EPYC, shared with short test runs; each stage's log holds its own
-``total_seconds``): stage 1 30 min, 2 35 min, 3 19 min, 4 48 min, 5 29 min -- about 2 h 40 min in all (1829 + 2091 + 1123 + 2886 + 1752 s).
+``total_seconds``): stage 1 30 min, 2 35 min, 3 19 min, 4 48 min, 5 29 min, 6 22 min -- about 3 h in all (1829 + 2091 + 1123 + 2886 +
+1752 + 1299 s).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ STAGES: tuple[tuple[str, dict], ...] = (
     ("v11", dict(tower_steps=0, seed=3, scene_style="large", align_weight=1.0, aug_prob=0.5, aug_min_keep=8,
                  aug_object_bias=0.5, aug_evidence="every_object", attn_every_word=True, steps=1500, lr=7e-4,
                  warmup=50, val_reduced=16, eval_every=250)),
+    ("v12", dict(tower_steps=0, seed=4, scene_style="large", align_weight=1.0, aug_prob=0.5, aug_min_keep=8,
+                 aug_object_bias=0.5, aug_bias_per="object", aug_evidence="every_object", attn_every_word=True,
+                 steps=1200, lr=5e-4, warmup=50, val_reduced=16, eval_every=200)),
 )
 DONE = ".stage_done"
 
