@@ -37,6 +37,9 @@ def test_reading_lines_pick_the_best_method_and_quote_the_oracle():
     (line,) = reading_lines(runs, hits)  # no random at 48: no line there
     assert line.startswith("16 tokens: best dart 75.0%, +25.0 pts over random (50.0%), 95% CI [")  # tie: dart < fastv
     assert "20 questions" in line and line.endswith("upper bound for pre-LLM selection: oracle 100.0%")
+    hits["oracle:16"] = mk(8)  # below random: quoted, but not called a bound
+    (line,) = reading_lines(runs, hits)
+    assert "upper bound" not in line and line.endswith("; oracle 40.0% scores below random: not a ceiling on this model")
 
 
 def test_question_hits_score_each_answer_alone(tmp_path):
@@ -60,4 +63,5 @@ def test_cli_prints_the_reading(tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert rc == 0 and "Reading (best method per budget vs random pruning):" in out
-    assert "8 tokens: best fastervlm" in out and "(paired bootstrap, 8 questions); upper bound for pre-LLM selection: oracle" in out
+    assert "8 tokens: best fastervlm" in out and "(paired bootstrap, 8 questions); " in out
+    assert "upper bound for pre-LLM selection: oracle" in out or "scores below random: not a ceiling" in out
