@@ -32,7 +32,8 @@ Issue #16 recipe options (all off by default, so the command above still trains 
 
 v11 options (off by default): ``--aug-object-bias p`` (object-biased reduction draws, either sign),
 ``--aug-evidence every_object`` (no answer loss when any asked object lost all its tokens), ``--attn-every-word true``
-(attention targets on the second answer word's row too). The shipped chain: :mod:`experiments.synthvqa.recipe`.
+(attention targets on the second answer word's row too); v12: ``--aug-bias-per object`` (the object bias drawn per
+object, not once per row). The shipped chain: :mod:`experiments.synthvqa.recipe`.
 
 Training runs with the one-pass CPU attention schedule (:func:`differentiable_cpu_attention`).
 
