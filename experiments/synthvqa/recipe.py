@@ -11,8 +11,8 @@ stage's checkpoint and every stage's log into ``--out`` (``train_log.json`` for 
 (stage commands, seconds per stage). ``--print`` writes the equivalent shell commands instead.
 
 Time on 2 CPU cores (the stages as they ran, AMD EPYC, shared with short test runs; each stage's log holds its own
-``total_seconds``): stage 1 30 min, 2 35 min, 3 19 min, 4 48 min, 5 29 min, 6 22 min -- about 3 h in all (1829 + 2091 + 1123 + 2886 +
-1752 + 1299 s).
+``total_seconds``): stage 1 30 min, 2 35 min, 3 19 min, 4 48 min, 5 29 min, 6 22 min -- about 3 h in all
+(1829 + 2091 + 1123 + 2886 + 1752 + 1299 s).
 """
 
 from __future__ import annotations
