@@ -127,6 +127,7 @@ def sample_reduction(rng: np.random.Generator, n_rows: int, grid: int, aug: Redu
             raise ValueError(f'ReductionAug.bias_per="object" needs groups [{P}], got '
                              f"{None if groups is None else np.shape(groups)}")
         gid = np.unique(groups, return_inverse=True)[1].reshape(P)  # [P] dense object ids
+        n_g = int(gid.max()) + 1
     if aug.min_keep > P:
         raise ValueError(f"ReductionAug.min_keep={aug.min_keep} exceeds the {P} image tokens")
     keep = np.ones((n_rows, P), bool)
@@ -140,7 +141,6 @@ def sample_reduction(rng: np.random.Generator, n_rows: int, grid: int, aug: Redu
         k = int(np.clip(round(float(np.exp(rng.uniform(np.log(aug.min_keep), np.log(P))))), aug.min_keep, P))
         if aug.object_bias > 0 and rng.random() < aug.object_bias:
             if per_object:
-                n_g = int(gid.max()) + 1
                 bias = np.where(rng.random(n_g) < 0.5, 1.0, -1.0) * rng.uniform(0.0, aug.max_bias, n_g)  # [G]
                 score = rng.gumbel(size=P) + bias[gid] * objects[b]
             else:
